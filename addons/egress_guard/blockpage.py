@@ -1,0 +1,82 @@
+"""Block page: the one place that renders the gateway's refusals (zh-CN and en).
+
+Self-contained HTML (inline CSS, no scripts, nothing fetched), every value escaped. It names
+the category, rule, reason, user, time and request id so the employee can ask for an
+exception and the approver can find the row. It never repeats request content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from html import escape
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    title_en: str
+    title_zh: str
+    reason_en: str
+    reason_zh: str
+    category: str
+    rule_id: str
+    user: str
+    client_ip: str
+    host: str
+    request_id: str
+    when: datetime  # aware; shown in the gateway's local time
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI","PingFang SC","Microsoft YaHei",sans-serif;
+background:#f4f5f7;color:#1d2330;margin:0;padding:2rem 1rem}
+main{max-width:42rem;margin:0 auto;background:#fff;border-radius:8px;padding:1.5rem 2rem;
+box-shadow:0 1px 3px rgba(0,0,0,.12);border-top:6px solid #b42318}
+h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.05rem;margin:.2rem 0 1rem;color:#475467;
+font-weight:500}p{line-height:1.55}dl{display:grid;grid-template-columns:max-content 1fr;
+gap:.35rem 1rem;background:#f9fafb;padding:1rem;border-radius:6px;font-size:.92rem}
+dt{color:#475467}dd{margin:0;font-family:ui-monospace,Menlo,Consolas,monospace;
+word-break:break-all}footer{font-size:.8rem;color:#667085;margin-top:1rem}
+"""
+
+
+def render(refusal: Refusal) -> bytes:
+    r = refusal
+    when = r.when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z (UTC%z)")
+    rows = [
+        ("类别 Category", r.category or "-"),
+        ("规则 Rule", r.rule_id or "-"),
+        ("目标 Destination", r.host or "-"),
+        ("用户 User", r.user or f"({r.client_ip})"),
+        ("时间 Time", when),
+        ("请求编号 Request ID", r.request_id),
+    ]
+    details = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
+    html = f"""<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{escape(r.title_zh)} / {escape(r.title_en)}</title><style>{_CSS}</style></head>
+<body><main>
+<h1 lang="zh-CN">{escape(r.title_zh)}</h1>
+<h2 lang="en">{escape(r.title_en)}</h2>
+<p lang="zh-CN" id="reason-zh">{escape(r.reason_zh)}</p>
+<p lang="en" id="reason-en">{escape(r.reason_en)}</p>
+<dl id="details">{details}</dl>
+<p lang="zh-CN">如需因工作访问，请联系审批人并提供上面的请求编号。</p>
+<p lang="en">If your work needs this, contact an approver and quote the request ID above.</p>
+<footer>egress-guard · HTTP {r.status}</footer>
+</main></body></html>
+"""
+    return html.encode("utf-8")
+
+
+def headers(refusal: Refusal) -> dict[str, str]:
+    return {
+        "Content-Type": "text/html; charset=utf-8",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+        "X-Egress-Guard-Request-Id": refusal.request_id,
+        "X-Egress-Guard-Rule": refusal.rule_id,
+    }

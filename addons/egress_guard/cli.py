@@ -1,0 +1,360 @@
+"""CLI: ``egress-guard run | ca export | check-policy | policy import-ut1 | audit query``.
+
+``run`` owns the store (the embedded engine opens its directory in one process only); the
+audit commands talk to that process's admin API over HTTP, in embedded and server mode alike.
+Every option of ``run`` can also come from an ``EGRESS_GUARD_<NAME>`` environment variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .policy import PolicyError, default_policy_dir, dump_yaml, load_policy
+from .store import StoreError
+
+DATA_DIR_OPTION = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="~/.egress-guard",
+    envvar="EGRESS_GUARD_DATA_DIR",
+    show_default=True,
+    help="State directory: embedded store, mitmproxy CA, admin token.",
+)
+
+
+def _data_dir(path: Path) -> Path:
+    return path.expanduser().resolve()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="egress-guard")
+def main() -> None:
+    """egress-guard: egress-control gateway (webmail / cloud-drive blocking, request log)."""
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    envvar="EGRESS_GUARD_LISTEN",
+    show_default=True,
+    help="Proxy HOST:PORT that browsers point at.",
+)
+@click.option(
+    "--admin",
+    default="127.0.0.1:8081",
+    envvar="EGRESS_GUARD_ADMIN",
+    show_default=True,
+    help="Admin API HOST:PORT ('' = off).",
+)
+@click.option(
+    "--metrics",
+    default="127.0.0.1:9464",
+    envvar="EGRESS_GUARD_METRICS",
+    show_default=True,
+    help="Prometheus /metrics HOST:PORT ('' = off).",
+)
+@DATA_DIR_OPTION
+@click.option(
+    "--policies",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="EGRESS_GUARD_POLICIES",
+    help="Policy directory [default: packaged].",
+)
+@click.option(
+    "--clickhouse",
+    default="",
+    envvar="EGRESS_GUARD_CLICKHOUSE",
+    help="ClickHouse DSN, e.g. http://user:pass@host:8123/egress "
+    "[default: embedded chdb://DATA_DIR/clickhouse].",
+)
+@click.option(
+    "--node",
+    default=socket.gethostname(),
+    envvar="EGRESS_GUARD_NODE",
+    help="Node name in every log row [default: hostname].",
+)
+@click.option(
+    "--set",
+    "mitm_sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    envvar="EGRESS_GUARD_SET",
+    help="Any mitmproxy option, e.g. --set proxyauth=@/etc/egress/htpasswd (repeatable).",
+)
+def run(
+    listen: str,
+    admin: str,
+    metrics: str,
+    data_dir: Path,
+    policies: Path | None,
+    clickhouse: str,
+    node: str,
+    mitm_sets: tuple[str, ...],
+) -> None:
+    """Run the gateway until SIGINT/SIGTERM; the request log is flushed on the way out."""
+    from .gateway import Gateway, GatewayConfig, parse_listen
+
+    try:
+        listen_host, listen_port = parse_listen(listen, "--listen")
+        for value, what in ((admin, "--admin"), (metrics, "--metrics")):
+            if value:
+                parse_listen(value, what)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    data_dir = _data_dir(data_dir)
+    config = GatewayConfig(
+        policies=(policies or default_policy_dir()).expanduser().resolve(),
+        data_dir=data_dir,
+        clickhouse=clickhouse,
+        admin=admin,
+        metrics=metrics,
+        node=node,
+    )
+    gateway = Gateway()
+    try:
+        banner = gateway.start(config)
+    except PolicyError as e:
+        click.echo(f"egress-guard: invalid policy, not starting:\n{e}", err=True)
+        sys.exit(2)
+    except StoreError as e:
+        click.echo(f"egress-guard: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"egress-guard {__version__} on node {node}")
+    click.echo(
+        f"proxy    {listen_host}:{listen_port} (CA for clients: "
+        f"egress-guard ca export --data-dir {data_dir})"
+    )
+    for line in banner:
+        click.echo(line)
+    exit_code = asyncio.run(_serve(gateway, listen_host, listen_port, data_dir, mitm_sets))
+    sys.exit(exit_code)
+
+
+async def _serve(
+    gateway: Any, host: str, port: int, data_dir: Path, mitm_sets: tuple[str, ...]
+) -> int:
+    from mitmproxy import exceptions, options
+    from mitmproxy.tools.dump import DumpMaster
+
+    from .gateway import make_addons
+
+    opts = options.Options(confdir=str(data_dir / "mitmproxy"))
+    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    master.addons.add(*make_addons(gateway))
+    try:
+        master.options.update(listen_host=host, listen_port=port, connection_strategy="lazy")
+        master.options.set(*mitm_sets)
+    except exceptions.OptionsError as e:
+        click.echo(f"egress-guard: bad --set: {e}", err=True)
+        gateway.stop()
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    try:
+        await master.run()  # mitmproxy exits 1 itself on startup errors (e.g. port in use)
+    finally:
+        gateway.stop()
+    return 0
+
+
+# --- ca --------------------------------------------------------------------------------------
+
+
+@main.group()
+def ca() -> None:
+    """The certificate authority that HTTPS interception uses."""
+
+
+@ca.command("export")
+@DATA_DIR_OPTION
+def ca_export(data_dir: Path) -> None:
+    """Print the CA certificate (PEM) that clients must trust. Creates it on first use."""
+    from mitmproxy import certs
+
+    confdir = _data_dir(data_dir) / "mitmproxy"
+    certs.CertStore.from_store(confdir, "mitmproxy", 2048)
+    click.echo((confdir / "mitmproxy-ca-cert.pem").read_text(), nl=False)
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+@main.command("check-policy")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+def check_policy(directory: Path | None) -> None:
+    """Validate a policy directory and print its rules and hosts per category."""
+    directory = directory or default_policy_dir()
+    try:
+        policy = load_policy(directory)
+    except PolicyError as e:
+        click.echo(f"{directory}: invalid policy:\n{e}", err=True)
+        sys.exit(2)
+    click.echo(f"{directory}: OK")
+    for name, stats in policy.stats.items():
+        click.echo(f"  {name:<16} {stats.rules:>6} rules {stats.hosts:>7} hosts")
+    click.echo(f"  retention        {policy.retention_months:>6} months")
+    click.echo(f"  passthrough      {policy.passthrough.rule_count:>6} hosts")
+    click.echo(f"  identities       {len(policy.identities):>6} networks")
+
+
+@main.group()
+def policy() -> None:
+    """Policy tools."""
+
+
+@policy.command("import-ut1")
+@click.argument("category")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.option(
+    "-o",
+    "--output",
+    type=click.File("w", encoding="utf-8"),
+    default="-",
+    help="Where to write the policy YAML [default: stdout].",
+)
+def import_ut1(category: str, source: io.TextIOBase, output: io.TextIOBase) -> None:
+    """Turn a UT1 'domains' or 'urls' FILE into rules of CATEGORY (e.g. cloud_drive)."""
+    from .ut1 import CREDIT, convert
+
+    imported = convert(category, source)
+    for line, entry, why in imported.skipped:
+        click.echo(f"{source.name}:{line}: skipped {entry!r}: {why}", err=True)
+    header = "".join(f"# {line}\n" for line in CREDIT.splitlines())
+    header += f"# Source: {source.name}; {len(imported.rules)} rules.\n"
+    output.write(header + dump_yaml({"categories": {category: {"rules": imported.rules}}}))
+    click.echo(
+        f"{len(imported.rules)} rules written, {len(imported.skipped)} entries skipped", err=True
+    )
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+TABLE_COLUMNS = (
+    "ts",
+    "user",
+    "client_ip",
+    "method",
+    "host",
+    "path",
+    "status",
+    "decision",
+    "rule_id",
+    "request_id",
+)
+
+
+def _admin_request(admin: str, token: str, path: str, params: dict[str, str]) -> Any:
+    base = admin if "://" in admin else f"http://{admin}"
+    url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e).get("error", e.reason)
+        except (ValueError, AttributeError):
+            message = e.reason
+        raise click.ClickException(f"admin API answered {e.code}: {message}") from None
+    except urllib.error.URLError as e:
+        raise click.ClickException(
+            f"cannot reach the admin API at {base}: {e.reason} (is `egress-guard run` up?)"
+        ) from None
+
+
+def _token(token: str | None, data_dir: Path) -> str:
+    if token:
+        return token
+    from .console import token_path
+
+    path = token_path(_data_dir(data_dir))
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise click.ClickException(
+            f"no admin token: pass --token or EGRESS_GUARD_ADMIN_TOKEN, or --data-dir of the "
+            f"gateway (looked for {path})"
+        ) from None
+
+
+@main.group()
+def audit() -> None:
+    """Query the request log through the running gateway's admin API."""
+
+
+@audit.command("query")
+@click.option(
+    "--admin",
+    default="127.0.0.1:8081",
+    envvar="EGRESS_GUARD_ADMIN",
+    show_default=True,
+    help="Admin API address (HOST:PORT or URL).",
+)
+@click.option(
+    "--token",
+    envvar="EGRESS_GUARD_ADMIN_TOKEN",
+    default=None,
+    help="Admin bearer token [default: read from DATA_DIR/admin-token].",
+)
+@DATA_DIR_OPTION
+@click.option("--user", help="Exactly this user.")
+@click.option("--host", help="This host and its subdomains.")
+@click.option("--decision", type=click.Choice(["allow", "block", "alert"]))
+@click.option("--since", help="From (ISO 8601, or a duration ago such as 24h).")
+@click.option("--until", help="Before (ISO 8601, or a duration ago).")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+def audit_query(admin: str, token: str | None, data_dir: Path, fmt: str, **filters: Any) -> None:
+    """List request-log rows, newest first."""
+    params = {k: str(v) for k, v in filters.items() if v is not None}
+    result = _admin_request(admin, _token(token, data_dir), "/api/v1/requests", params)
+    rows: list[dict[str, Any]] = result["rows"]
+    if fmt == "json":
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
+    elif fmt == "csv":
+        out = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(
+                    {k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()}
+                )
+        click.echo(out.getvalue(), nl=False)
+    else:
+        table = [[str(row.get(c, "")) for c in TABLE_COLUMNS] for row in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(TABLE_COLUMNS)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True)))
+        for r in table:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        click.echo(f"({len(rows)} rows)", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Metrics: the Prometheus counters and gauges the gateway exports, and the /metrics server.
+
+Labels are bounded sets (decision, reason kind, category, kind); never a user, host or any
+request text, so the series count stays small and no secret ends up in a metric.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
+
+REQUESTS = Counter(
+    "egress_guard_requests",
+    "Requests, CONNECTs and tunnels seen, by outcome",
+    ["kind", "decision", "reason_kind", "category"],
+)
+AUDIT_ROWS_WRITTEN = Counter("egress_guard_audit_rows_written", "Rows written to the store")
+AUDIT_ROWS_DROPPED = Counter(
+    "egress_guard_audit_rows_dropped", "Rows lost because the audit queue was full"
+)
+AUDIT_INSERT_ERRORS = Counter("egress_guard_audit_insert_errors", "Failed batch inserts")
+AUDIT_QUEUE_DEPTH = Gauge("egress_guard_audit_queue_depth", "Rows waiting for the writer")
+POLICY_RELOADS = Counter("egress_guard_policy_reloads", "Policy reload attempts", ["result"])
+POLICY_RULES = Gauge("egress_guard_policy_rules", "Rules loaded per category", ["category"])
+POLICY_VALID = Gauge("egress_guard_policy_last_reload_ok", "1 when the last reload succeeded")
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> object:
+    """Start the /metrics HTTP server in a daemon thread; returns the server (has shutdown())."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

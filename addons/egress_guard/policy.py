@@ -1,0 +1,409 @@
+"""Policy: loads and validates the YAML files of a policy directory into one compiled Policy.
+
+Validation is pydantic; errors are mapped back to the YAML node they came from so the admin
+reads ``file:line: field: problem``. A directory loads all or nothing: the caller keeps the
+last good Policy when a new one fails (see ``PolicyWatcher``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from .blocklist import HostIndex, Reason, Rule
+from .hosts import validate_host_pattern
+
+RETENTION_MIN_MONTHS = 6
+
+
+def default_policy_dir() -> Path:
+    """The packaged policy: inside the wheel, or ./policies of a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "default_policies"
+    if packaged.is_dir():
+        return packaged
+    return here.parent.parent / "policies"
+
+
+# --- the file schema -------------------------------------------------------------------------
+
+
+def _path_prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"path prefix {value!r} must start with '/'")
+    if "?" in value or "#" in value:
+        raise ValueError(f"path prefix {value!r} must not contain a query or fragment")
+    return value
+
+
+HostPattern = Annotated[str, AfterValidator(validate_host_pattern)]
+PathPrefix = Annotated[str, AfterValidator(_path_prefix)]
+RuleId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=120)]
+CategoryName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReasonSpec(_Strict):
+    en: NonEmpty
+    zh: NonEmpty
+
+
+class RuleSpec(_Strict):
+    id: RuleId
+    service: str = ""
+    hosts: list[HostPattern] = []
+    exact_hosts: list[HostPattern] = []
+    paths: list[PathPrefix] = []
+    action: Literal["block", "allow"] | None = None
+    reason: ReasonSpec | None = None
+
+    @model_validator(mode="after")
+    def _needs_a_host(self) -> RuleSpec:
+        if not self.hosts and not self.exact_hosts:
+            raise ValueError("a rule needs at least one entry in 'hosts' or 'exact_hosts'")
+        return self
+
+
+class CategorySpec(_Strict):
+    action: Literal["block", "allow"] | None = None
+    reason: ReasonSpec | None = None
+    rules: list[RuleSpec] = []
+
+
+class IdentitySpec(_Strict):
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    user: NonEmpty
+    groups: list[NonEmpty] = []
+
+
+class SettingsSpec(_Strict):
+    retention_months: int = Field(
+        RETENTION_MIN_MONTHS,
+        description="months the request log is kept; the egress rules require at least 6",
+    )
+    passthrough_hosts: list[HostPattern] = []
+    identities: list[IdentitySpec] = []
+    user_groups: dict[NonEmpty, list[NonEmpty]] = {}
+
+    @model_validator(mode="after")
+    def _retention_floor(self) -> SettingsSpec:
+        if self.retention_months < RETENTION_MIN_MONTHS:
+            raise ValueError(
+                f"retention_months={self.retention_months} is below the required minimum of "
+                f"{RETENTION_MIN_MONTHS} months (proxy access logs must be kept at least 6 months)"
+            )
+        return self
+
+
+class PolicyFileSpec(_Strict):
+    categories: dict[CategoryName, CategorySpec] = {}
+    settings: SettingsSpec | None = None
+
+
+# --- errors with file and line ---------------------------------------------------------------
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used. ``problems`` are 'file:line: field: message' lines."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _node_at(root: yaml.Node | None, loc: Sequence[str | int]) -> yaml.Node | None:
+    """Follow a pydantic error location through the YAML node tree; the deepest node reached."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for key, value in node.value:
+                if key.value == str(part):
+                    # The last step of an 'extra key' error points at the key itself.
+                    nxt = key if part == loc[-1] and isinstance(value, yaml.ScalarNode) else value
+                    break
+            if nxt is None:
+                return node
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node
+            node = node.value[part]
+        # other parts are pydantic's own (union tags, validator names): skip them
+    return node
+
+
+def _field_path(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "union[")) or part in ("IPv4Network", "IPv6Network"):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _validation_problems(path: Path, root: yaml.Node | None, err: ValidationError) -> list[str]:
+    problems = []
+    seen = set()
+    for item in err.errors():
+        loc = item["loc"]
+        node = _node_at(root, loc)
+        line = node.start_mark.line + 1 if node is not None else 1
+        msg = item["msg"].removeprefix("Value error, ")
+        text = f"{path}:{line}: {_field_path(loc)}: {msg}"
+        if text not in seen:
+            seen.add(text)
+            problems.append(text)
+    return problems
+
+
+# --- the compiled policy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    user: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CategoryStats:
+    rules: int
+    hosts: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str
+    rules: tuple[Rule, ...]
+    index: HostIndex
+    passthrough: HostIndex
+    identities: tuple[Identity, ...]  # most specific network first
+    user_groups: dict[str, tuple[str, ...]]
+    retention_months: int
+    stats: dict[str, CategoryStats] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{name}: {s.rules} rules, {s.hosts} hosts" for name, s in self.stats.items()]
+        return "; ".join(parts) if parts else "no categories"
+
+
+DEFAULT_REASON = ReasonSpec(
+    en="This site is not allowed by the company's egress policy.",
+    zh="根据公司信息外发管理规定，该网站不允许访问。",
+)
+
+
+def _yaml_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _parse_file(path: Path) -> tuple[PolicyFileSpec, yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([f"{path}:1: (file): not UTF-8 text ({e.reason})"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else 1
+        raise PolicyError([f"{path}:{line}: (syntax): {e.problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(
+            [
+                f"{path}:1: (top level): expected a mapping with 'categories' "
+                f"and/or 'settings', got {type(data).__name__}"
+            ]
+        )
+    try:
+        return PolicyFileSpec.model_validate(data), root
+    except ValidationError as e:
+        raise PolicyError(_validation_problems(path, root, e)) from None
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int:
+    node = _node_at(root, loc)
+    return node.start_mark.line + 1 if node is not None else 1
+
+
+def load_policy(directory: str | os.PathLike[str]) -> Policy:
+    """Load every *.yaml of a directory into one Policy, or raise PolicyError listing all."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PolicyError([f"{directory}: not a directory"])
+    files = _yaml_files(directory)
+    if not files:
+        raise PolicyError([f"{directory}: no *.yaml policy files"])
+
+    problems: list[str] = []
+    parsed: list[tuple[Path, PolicyFileSpec, yaml.Node | None]] = []
+    for path in files:
+        try:
+            spec, root = _parse_file(path)
+        except PolicyError as e:
+            problems.extend(e.problems)
+            continue
+        parsed.append((path, spec, root))
+
+    settings: SettingsSpec | None = None
+    settings_at = ""
+    cat_action: dict[str, tuple[str, str]] = {}
+    cat_reason: dict[str, tuple[ReasonSpec, str]] = {}
+    rule_at: dict[str, str] = {}
+    pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
+
+    for path, spec, root in parsed:
+        if spec.settings is not None:
+            here = f"{path}:{_line_of(root, ['settings'])}"
+            if settings is not None:
+                problems.append(f"{here}: settings: already given in {settings_at}")
+            else:
+                settings, settings_at = spec.settings, here
+        for name, cat in spec.categories.items():
+            cat_line = f"{path}:{_line_of(root, ['categories', name])}"
+            if cat.action is not None:
+                prev = cat_action.setdefault(name, (cat.action, cat_line))
+                if prev[0] != cat.action:
+                    problems.append(
+                        f"{cat_line}: categories.{name}.action: '{cat.action}' "
+                        f"conflicts with '{prev[0]}' given in {prev[1]}"
+                    )
+            if cat.reason is not None:
+                prev_r = cat_reason.setdefault(name, (cat.reason, cat_line))
+                if prev_r[0] != cat.reason:
+                    problems.append(
+                        f"{cat_line}: categories.{name}.reason: conflicts with the "
+                        f"reason given in {prev_r[1]}"
+                    )
+            for i, rule in enumerate(cat.rules):
+                where = f"{path}:{_line_of(root, ['categories', name, 'rules', i, 'id'])}"
+                if rule.id in rule_at:
+                    problems.append(
+                        f"{where}: categories.{name}.rules[{i}].id: duplicate rule id "
+                        f"'{rule.id}' (first defined in {rule_at[rule.id]})"
+                    )
+                    continue
+                rule_at[rule.id] = where
+                pending.append((name, rule, where))
+
+    if problems:
+        raise PolicyError(problems)
+
+    settings = settings or SettingsSpec()
+    rules: list[Rule] = []
+    stats: dict[str, list[int]] = {}
+    for name, spec_rule, where in pending:
+        reason = spec_rule.reason or cat_reason.get(name, (DEFAULT_REASON, ""))[0]
+        action = spec_rule.action or cat_action.get(name, ("block", ""))[0]
+        rules.append(
+            Rule(
+                id=spec_rule.id,
+                category=name,
+                action=action,  # type: ignore[arg-type]
+                reason=Reason(en=reason.en, zh=reason.zh),
+                service=spec_rule.service,
+                hosts=tuple(spec_rule.hosts),
+                exact_hosts=tuple(spec_rule.exact_hosts),
+                paths=tuple(spec_rule.paths),
+                source=where,
+            )
+        )
+        counts = stats.setdefault(name, [0, 0])
+        counts[0] += 1
+        counts[1] += len(spec_rule.hosts) + len(spec_rule.exact_hosts)
+    for name in set(cat_action) | set(cat_reason):
+        stats.setdefault(name, [0, 0])
+
+    passthrough_rules = [
+        Rule(
+            id=f"passthrough.{h}",
+            category="passthrough",
+            action="allow",
+            reason=Reason(en="", zh=""),
+            hosts=(h,),
+        )
+        for h in settings.passthrough_hosts
+    ]
+    identities = sorted(
+        (Identity(i.cidr, i.user, tuple(i.groups)) for i in settings.identities),
+        key=lambda ident: ident.network.prefixlen,
+        reverse=True,
+    )
+    return Policy(
+        source=str(directory),
+        rules=tuple(rules),
+        index=HostIndex.build(rules),
+        passthrough=HostIndex.build(passthrough_rules),
+        identities=tuple(identities),
+        user_groups={u: tuple(g) for u, g in settings.user_groups.items()},
+        retention_months=settings.retention_months,
+        stats={name: CategoryStats(*counts) for name, counts in sorted(stats.items())},
+    )
+
+
+def policy_snapshot(directory: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:
+    """What the watcher compares to notice a change: (name, mtime_ns, size) of each policy file."""
+    out = []
+    try:
+        for entry in os.scandir(directory):
+            if entry.name.endswith((".yaml", ".yml")):
+                st = entry.stat()
+                out.append((entry.name, st.st_mtime_ns, st.st_size))
+    except OSError:
+        return ()
+    return tuple(sorted(out))
+
+
+class PolicyWatcher:
+    """Holds the current Policy; ``check()`` reloads when files changed, keeping the last good
+    policy when the new one is invalid. The proxy calls ``check()`` on a timer; tests call it
+    directly."""
+
+    def __init__(self, directory: str | os.PathLike[str], policy: Policy):
+        self.directory = Path(directory)
+        self.policy = policy
+        self.last_error: PolicyError | None = None
+        self._snapshot = policy_snapshot(self.directory)
+
+    def check(self) -> Literal["unchanged", "reloaded", "invalid"]:
+        snapshot = policy_snapshot(self.directory)
+        if snapshot == self._snapshot:
+            return "unchanged"
+        self._snapshot = snapshot
+        try:
+            self.policy = load_policy(self.directory)
+        except PolicyError as e:
+            self.last_error = e
+            return "invalid"
+        self.last_error = None
+        return "reloaded"
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)

@@ -1,0 +1,173 @@
+"""Policy loading: the shipped default, and errors that name file, line and field."""
+
+import os
+
+import pytest
+
+from conftest import POLICIES
+from egress_guard.decision import RequestFacts, decide, needs_interception
+from egress_guard.policy import PolicyError, PolicyWatcher, load_policy
+
+GOOD = """\
+categories:
+  webmail:
+    action: block
+    reason: {en: "No webmail.", zh: "禁止网页邮箱。"}
+    rules:
+      - id: webmail.qq
+        hosts: [mail.qq.com]
+"""
+
+
+def problems(directory):
+    with pytest.raises(PolicyError) as err:
+        load_policy(directory)
+    return err.value.problems
+
+
+def test_shipped_policy_loads_and_covers_the_services_people_use():
+    policy = load_policy(POLICIES)
+    assert policy.stats["webmail"].rules >= 25
+    assert policy.stats["cloud_drive"].rules >= 30
+    assert policy.retention_months >= 6
+    blocked = {
+        "mail.qq.com": "/",
+        "mail.163.com": "/",
+        "mail.126.com": "/",
+        "mail.google.com": "/",
+        "outlook.live.com": "/mail/0/",
+        "mail.proton.me": "/",
+        "pan.baidu.com": "/disk/home",
+        "www.aliyundrive.com": "/",
+        "pan.quark.cn": "/",
+        "www.123pan.com": "/",
+        "wwi.lanzoui.com": "/",
+        "www.weiyun.com": "/",
+        "drive.google.com": "/",
+        "onedrive.live.com": "/",
+        "mega.nz": "/",
+        "www.dropbox.com": "/",
+        "www.icloud.com": "/mail/",
+        "wetransfer.com": "/",
+    }
+    for host, path in blocked.items():
+        d = decide(RequestFacts((host,), path), policy)
+        assert d.verdict == "block", f"{host}{path} not blocked"
+    for host in (
+        "www.qq.com",
+        "www.baidu.com",
+        "www.google.com",
+        "www.163.com",
+        "news.sina.com.cn",
+    ):
+        assert decide(RequestFacts((host,), "/"), policy).verdict == "allow", host
+    assert decide(RequestFacts(("www.icloud.com",), "/photos/"), policy).verdict == "allow"
+    assert needs_interception(("www.icloud.com",), policy)
+
+
+def test_decision_checks_every_name_the_request_carries():
+    policy = load_policy(POLICIES)
+    # A Host header naming a blocked site behind an innocent connection target still blocks.
+    d = decide(RequestFacts(("www.example.org", "mail.qq.com"), "/"), policy)
+    assert d.verdict == "block" and d.host == "mail.qq.com"
+
+
+def test_yaml_syntax_error_names_file_and_line(write_policy):
+    d = write_policy({"a.yaml": GOOD + "  broken: [unclosed\n"})
+    (msg,) = problems(d)
+    assert msg.startswith(f"{d / 'a.yaml'}:")
+    assert "(syntax)" in msg
+
+
+@pytest.mark.parametrize(
+    ("line_text", "replacement", "line", "field", "words"),
+    [
+        (
+            "hosts: [mail.qq.com]",
+            "hosts: [https://mail.qq.com]",
+            7,
+            "categories.webmail.rules[0].hosts[0]",
+            "scheme",
+        ),
+        (
+            "hosts: [mail.qq.com]",
+            "hosts: [mail.qq.com]\n        color: red",
+            8,
+            "categories.webmail.rules[0].color",
+            "Extra inputs",
+        ),
+        ("action: block", "action: deny", 3, "categories.webmail.action", "block"),
+        ("- id: webmail.qq", "- id: Webmail QQ", 6, "categories.webmail.rules[0].id", "pattern"),
+        (
+            "hosts: [mail.qq.com]",
+            "paths: [/x]",
+            6,
+            "categories.webmail.rules[0]",
+            "at least one entry",
+        ),
+    ],
+)
+def test_field_errors_name_file_line_and_field(
+    write_policy, line_text, replacement, line, field, words
+):
+    d = write_policy({"webmail.yaml": GOOD.replace(line_text, replacement)})
+    msgs = problems(d)
+    expected = f"{d / 'webmail.yaml'}:{line}: {field}:"
+    assert any(m.startswith(expected) and words in m for m in msgs), msgs
+
+
+def test_retention_below_six_months_is_refused(write_policy):
+    d = write_policy({"webmail.yaml": GOOD, "gateway.yaml": "settings:\n  retention_months: 3\n"})
+    (msg,) = problems(d)
+    assert msg.startswith(f"{d / 'gateway.yaml'}:2: settings:")
+    assert "below the required minimum of 6 months" in msg
+
+
+def test_duplicate_rule_ids_across_files_name_both_places(write_policy):
+    other = (
+        "categories:\n  cloud_drive:\n    rules:\n      - id: webmail.qq\n        hosts: [x.com]\n"
+    )
+    d = write_policy({"a.yaml": GOOD, "b.yaml": other})
+    (msg,) = problems(d)
+    assert msg.startswith(f"{d / 'b.yaml'}:4:")
+    assert f"first defined in {d / 'a.yaml'}:6" in msg
+
+
+def test_a_category_may_span_files_but_not_disagree(write_policy):
+    extra = (
+        "categories:\n  webmail:\n    rules:\n      - id: webmail.extra\n        hosts: [x.com]\n"
+    )
+    policy = load_policy(write_policy({"a.yaml": GOOD, "b.yaml": extra}))
+    assert policy.stats["webmail"].rules == 2
+    assert decide(RequestFacts(("x.com",), "/"), policy).rule.reason.en == "No webmail."
+    conflict = "categories:\n  webmail:\n    action: allow\n"
+    d = write_policy({"c.yaml": conflict})
+    assert any("conflicts with 'block'" in m for m in problems(d))
+
+
+def test_every_problem_is_reported_at_once(write_policy):
+    d = write_policy(
+        {
+            "a.yaml": GOOD.replace("mail.qq.com", "*.qq.com"),
+            "b.yaml": "settings:\n  retention_months: 1\n",
+        }
+    )
+    assert len(problems(d)) == 2
+
+
+def test_watcher_keeps_last_good_policy_on_invalid_reload(write_policy):
+    d = write_policy({"webmail.yaml": GOOD})
+    watcher = PolicyWatcher(d, load_policy(d))
+    assert watcher.check() == "unchanged"
+
+    path = d / "webmail.yaml"
+    path.write_text(GOOD.replace("hosts: [mail.qq.com]", "hosts: [mail.qq.com, mail.126.com]"))
+    os.utime(path, ns=(1, 1))  # a distinct mtime without waiting for the clock
+    assert watcher.check() == "reloaded"
+    assert decide(RequestFacts(("mail.126.com",), "/"), watcher.policy).verdict == "block"
+
+    path.write_text("categories: {webmail: {rules: [{id: BAD}]}}\n")
+    os.utime(path, ns=(2, 2))
+    assert watcher.check() == "invalid"
+    assert "rules[0].id" in str(watcher.last_error)
+    assert decide(RequestFacts(("mail.126.com",), "/"), watcher.policy).verdict == "block"
