@@ -1,12 +1,12 @@
-"""Shared test helpers: paths to the shipped policy and the UT1 data beside the repository."""
+"""Test setup: makes tests/support.py and tests/e2e/harness.py importable everywhere."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-POLICIES = REPO / "policies"
-UT1 = REPO.parent / "shared" / "data" / "ut1"
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "e2e")]
 
 
 @pytest.fixture

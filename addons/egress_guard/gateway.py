@@ -326,7 +326,7 @@ class Setup:
             )
             try:
                 for line in self.gw.start(config):
-                    log.info(line)
+                    print(line, flush=True)
             except PolicyError as e:
                 log.error("invalid policy, not starting:\n%s", e)
                 ctx.master.shutdown()
@@ -336,7 +336,7 @@ class Setup:
                 ctx.master.shutdown()
                 return
         for line in self.gw.start_servers():
-            log.info(line)
+            print(line, flush=True)
         print("egress-guard ready", flush=True)
 
     def done(self) -> None:

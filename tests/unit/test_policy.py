@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from conftest import POLICIES
 from egress_guard.decision import RequestFacts, decide, needs_interception
 from egress_guard.policy import PolicyError, PolicyWatcher, load_policy
+from support import POLICIES
 
 GOOD = """\
 categories:

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from conftest import UT1
 from egress_guard.decision import RequestFacts, decide
 from egress_guard.policy import load_policy
+from support import UT1
 
 pytestmark = pytest.mark.skipif(not UT1.is_dir(), reason="shared/data/ut1 not beside the repo")
 
@@ -63,7 +63,7 @@ def test_urls_file_becomes_path_rules(tmp_path):
 def test_imported_lists_merge_with_the_shipped_categories(tmp_path):
     import shutil
 
-    from conftest import POLICIES
+    from support import POLICIES
 
     shutil.copytree(POLICIES, tmp_path / "p")
     result = run_import("webmail", UT1 / "webmail.domains", tmp_path / "p" / "ut1-webmail.yaml")

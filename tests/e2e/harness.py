@@ -1,0 +1,313 @@
+"""Real parts for end-to-end tests: a loopback upstream (HTTP and HTTPS) that records what
+reaches it, the gateway as a subprocess on free ports, and curl as the client."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+PAYLOAD = random.Random(20261121).randbytes(300_000)  # what GET /payload serves
+READY_LINE = "egress-guard ready"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- upstream --------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    host: str
+    body_sha256: str
+    body_len: int
+
+
+@dataclass
+class Upstream:
+    """HTTP + HTTPS servers on 127.0.0.1 that record every request that reaches them."""
+
+    tmp: Path
+    seen: list[Seen] = field(default_factory=list)
+    http_port: int = 0
+    https_port: int = 0
+    ca_path: Path = Path()
+    _servers: list[ThreadingHTTPServer] = field(default_factory=list)
+
+    def start(self) -> Upstream:
+        from mitmproxy import certs
+
+        ca_store = certs.CertStore.from_store(self.tmp / "upstream-ca", "upstream", 2048)
+        self.ca_path = self.tmp / "upstream-ca" / "upstream-ca-cert.pem"
+        entry = ca_store.get_cert(
+            "localhost",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        )
+        cert_file = self.tmp / "upstream.pem"
+        cert_file.write_bytes(
+            entry.cert.to_pem()
+            + entry.privatekey.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                digest = hashlib.sha256(body).hexdigest()
+                seen.append(
+                    Seen(self.command, self.path, self.headers.get("Host", ""), digest, len(body))
+                )
+                if self.path.startswith("/payload"):
+                    out, ctype = PAYLOAD, "application/octet-stream"
+                else:
+                    out = json.dumps(
+                        {"path": self.path, "sha256": digest, "len": len(body)}
+                    ).encode()
+                    ctype = "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        plain = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        tls = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert_file)
+        tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+        for server in (plain, tls):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self._servers.append(server)
+        self.http_port = plain.server_address[1]
+        self.https_port = tls.server_address[1]
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    def paths(self) -> list[str]:
+        return [s.path for s in self.seen]
+
+
+# --- the gateway -----------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    data_dir: Path
+    policies: Path
+    upstream_ca: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    proxy_port: int = 0
+    admin_port: int = 0
+    metrics_port: int = 0
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            egress_guard_bin(),
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.proxy_port}",
+            "--admin",
+            f"127.0.0.1:{self.admin_port}",
+            "--metrics",
+            f"127.0.0.1:{self.metrics_port}",
+            "--data-dir",
+            str(self.data_dir),
+            "--policies",
+            str(self.policies),
+            "--node",
+            "e2e-node",
+        ]
+        if self.upstream_ca:
+            cmd += ["--set", f"ssl_verify_upstream_trusted_ca={self.upstream_ca}"]
+        return cmd + list(self.extra_args)
+
+    def start(self, timeout: float = 60) -> GatewayProcess:
+        self.proxy_port, self.admin_port, self.metrics_port = free_port(), free_port(), free_port()
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError("gateway did not get ready:\n" + self.text())
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if READY_LINE in line:
+                self._ready.set()
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def ca_pem(self) -> Path:
+        path = self.data_dir / "exported-ca.pem"
+        if not path.exists():
+            pem = cli("ca", "export", "--data-dir", str(self.data_dir)).stdout
+            path.write_text(pem)
+        return path
+
+    def query(self, *args: str) -> list[dict[str, Any]]:
+        result = cli(
+            "audit",
+            "query",
+            "--admin",
+            self.admin,
+            "--data-dir",
+            str(self.data_dir),
+            "--format",
+            "json",
+            "--limit",
+            "10000",
+            *args,
+        )
+        return json.loads(result.stdout)
+
+    def wait_rows(self, predicate: Any, *args: str, timeout: float = 20) -> list[dict[str, Any]]:
+        """Poll the admin API until rows satisfying ``predicate(rows)`` are there (the writer
+        batches every half second), bounded in time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.query(*args)
+            if predicate(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+
+
+def egress_guard_bin() -> str:
+    found = shutil.which("egress-guard", path=str(Path(sys.executable).parent))
+    return found or "egress-guard"
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [egress_guard_bin(), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"egress-guard {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    exit_code: int
+    stderr: str
+
+
+def curl(
+    url: str,
+    proxy: str,
+    cacert: Path | None = None,
+    *,
+    data: bytes | None = None,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> Reply:
+    """One request with the real curl through the proxy. Status 0 means no HTTP answer."""
+    cmd = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "--noproxy",
+        "",
+        "-x",
+        proxy,
+        "-D",
+        "-",
+        "-o",
+        "-",
+        "--http1.1",
+    ]
+    if cacert:
+        cmd += ["--cacert", str(cacert)]
+    if method:
+        cmd += ["-X", method]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if data is not None:
+        cmd += ["--data-binary", "@-"]
+    cmd += [*extra, url]
+    result = subprocess.run(cmd, input=data, capture_output=True, timeout=60, check=False)
+    raw = result.stdout
+    status, hdrs = 0, {}
+    # Skip the proxy's "200 Connection established" block of an HTTPS CONNECT.
+    while raw.startswith(b"HTTP/"):
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if "established" in lines[0].lower():
+            continue
+        status = int(lines[0].split()[1])
+        hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        break
+    return Reply(status, hdrs, raw, result.returncode, result.stderr.decode(errors="replace"))
