@@ -135,6 +135,7 @@ class GatewayProcess:
     policies: Path
     upstream_ca: Path | None = None
     extra_args: tuple[str, ...] = ()
+    via: str = "flags"  # flags | env (EGRESS_GUARD_* variables) | mitmdump (-s addon script)
     proxy_port: int = 0
     admin_port: int = 0
     metrics_port: int = 0
@@ -150,36 +151,51 @@ class GatewayProcess:
     def admin(self) -> str:
         return f"127.0.0.1:{self.admin_port}"
 
-    def command(self) -> list[str]:
-        cmd = [
-            egress_guard_bin(),
-            "run",
-            "--listen",
-            f"127.0.0.1:{self.proxy_port}",
-            "--admin",
-            f"127.0.0.1:{self.admin_port}",
-            "--metrics",
-            f"127.0.0.1:{self.metrics_port}",
-            "--data-dir",
-            str(self.data_dir),
-            "--policies",
-            str(self.policies),
-            "--node",
-            "e2e-node",
-        ]
-        if self.upstream_ca:
-            cmd += ["--set", f"ssl_verify_upstream_trusted_ca={self.upstream_ca}"]
-        return cmd + list(self.extra_args)
+    def settings(self) -> dict[str, str]:
+        return {
+            "listen": f"127.0.0.1:{self.proxy_port}",
+            "admin": f"127.0.0.1:{self.admin_port}",
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+            "data-dir": str(self.data_dir),
+            "policies": str(self.policies),
+            "node": "e2e-node",
+        }
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        sets = [f"ssl_verify_upstream_trusted_ca={self.upstream_ca}"] if self.upstream_ca else []
+        if self.via == "mitmdump":
+            addon = Path(__file__).resolve().parents[2] / "addons" / "egress_guard_addon.py"
+            cmd = [
+                str(Path(egress_guard_bin()).with_name("mitmdump")),
+                "-q",
+                "-s",
+                str(addon),
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                str(self.proxy_port),
+                "--set",
+                f"confdir={self.data_dir / 'mitmproxy'}",
+            ]
+            for key, value in self.settings().items():
+                if key != "listen":
+                    sets.append(f"egress_{key.replace('-', '_')}={value}")
+        else:
+            cmd = [egress_guard_bin(), "run"]
+            for key, value in self.settings().items():
+                if self.via == "env":
+                    env[f"EGRESS_GUARD_{key.upper().replace('-', '_')}"] = value
+                else:
+                    cmd += [f"--{key}", value]
+        return cmd + [a for s in sets for a in ("--set", s)] + list(self.extra_args), env
 
     def start(self, timeout: float = 60) -> GatewayProcess:
         self.proxy_port, self.admin_port, self.metrics_port = free_port(), free_port(), free_port()
         self._ready.clear()
+        cmd, env = self.command()
         self.proc = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ready.wait(timeout):
