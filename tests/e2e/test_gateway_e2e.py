@@ -9,8 +9,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import PAYLOAD, GatewayProcess, Upstream, cli, curl
 
+from harness import PAYLOAD, GatewayProcess, Upstream, cli, curl
 from support import POLICIES
 
 pytestmark = pytest.mark.slow
@@ -284,6 +284,27 @@ def test_metrics_count_requests_by_decision(gw, upstream):
         text = r.read().decode()
     assert 'egress_guard_requests_total{category="webmail",decision="block"' in text
     assert 'egress_guard_policy_rules{category="cloud_drive"}' in text
+
+
+def test_plain_http_inside_a_connect_tunnel_is_still_decided(gw, upstream):
+    # curl -p: CONNECT first, then plain HTTP inside the tunnel (no TLS to intercept).
+    reply = curl(
+        f"http://localhost:{upstream.http_port}/tunnelled", gw.proxy, extra=("--proxytunnel",)
+    )
+    assert_block_page(reply, "webmail.e2e-localhost", "webmail")
+    assert "/tunnelled" not in upstream.paths()
+
+
+def test_failed_request_is_logged_with_its_error(gw):
+    from harness import free_port
+
+    closed = free_port()  # nothing listens there
+    reply = curl(f"http://127.0.0.1:{closed}/nobody-home", gw.proxy)
+    assert reply.status == 502
+    rows = gw.wait_rows(lambda rs: any(r["path"] == "/nobody-home" for r in rs))
+    (row,) = [r for r in rows if r["path"] == "/nobody-home"]
+    assert row["decision"] == "allow" and row["reason_kind"] == "error"
+    assert row["status"] == 502 and row["error"]
 
 
 def test_shutdown_flushes_the_queue_and_table_keeps_six_months(gw, upstream):

@@ -11,8 +11,8 @@ import time
 import urllib.request
 
 import pytest
-from harness import GatewayProcess, Upstream, cli, curl, egress_guard_bin
 
+from harness import GatewayProcess, Upstream, cli, curl, egress_guard_bin
 from support import POLICIES
 
 pytestmark = pytest.mark.slow
@@ -148,3 +148,29 @@ def test_ca_export_prints_the_ca_the_proxy_uses(tmp_path):
     assert cli("ca", "export", "--data-dir", str(data)).stdout == first  # stable, not regenerated
     assert (data / "mitmproxy" / "mitmproxy-ca.pem").exists()
     assert oct(os.stat(data / "mitmproxy" / "mitmproxy-ca.pem").st_mode & 0o077) == "0o0"
+
+
+def test_passthrough_hosts_are_tunnelled_uninspected_and_logged(tmp_path, policy_dir, upstream):
+    (policy_dir / "gateway.yaml").write_text(
+        "settings:\n  retention_months: 7\n  passthrough_hosts: [localhost]\n"
+    )
+    gw = GatewayProcess(tmp_path / "data", policy_dir, upstream.ca_path).start()
+    try:
+        # The client sees the upstream's own certificate: it trusts only the upstream CA.
+        reply = curl(
+            f"https://localhost:{upstream.https_port}/pinned-ok", gw.proxy, upstream.ca_path
+        )
+        assert reply.status == 200, reply.stderr
+        assert "/pinned-ok" in upstream.paths()
+        rows = gw.wait_rows(lambda rs: any(r["kind"] == "tunnel" for r in rs))
+        (tunnel,) = [r for r in rows if r["kind"] == "tunnel"]
+        assert (tunnel["host"], tunnel["port"], tunnel["decision"], tunnel["tls_intercepted"]) == (
+            "localhost",
+            upstream.https_port,
+            "allow",
+            False,
+        )
+        assert not any(r["path"] == "/pinned-ok" for r in rows)  # nothing inside was seen
+        assert "request log kept 7 months" in gw.text()
+    finally:
+        gw.stop()
