@@ -405,7 +405,7 @@ class Blocklist:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         decision = self._decide(flow, flow.request.path)
-        if decision.verdict == "block":
+        if decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
             flow.response = _refusal(flow, flow.metadata[STATE], self.gw.clock())
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -473,7 +473,7 @@ class Audit:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         row = self._http_row(flow, flow.metadata.get(STATE), "connect")
-        row.status = 200
+        row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
         self.gw.record(row)
 
     def response(self, flow: http.HTTPFlow) -> None:

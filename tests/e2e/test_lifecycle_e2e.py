@@ -84,6 +84,7 @@ def test_env_configuration_proxyauth_identity_and_hot_reload(tmp_path, policy_di
         auth = ("--proxy-user", "alice:s3cret")
         assert curl(url, gw.proxy, extra=auth).status == 200
         assert curl(url, gw.proxy).status == 407  # proxyauth is mitmproxy's own
+        assert curl("http://mail.qq.com/", gw.proxy).status == 407  # who first, then policy
 
         # Hot reload: a new rule file takes effect without a restart.
         (policy_dir / "extra.yaml").write_text(
