@@ -273,8 +273,8 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
 
     settings: SettingsSpec | None = None
     settings_at = ""
-    cat_action: dict[str, tuple[str, str]] = {}
-    cat_reason: dict[str, tuple[ReasonSpec, str]] = {}
+    cat_action: dict[str, tuple[Any, str]] = {}
+    cat_reason: dict[str, tuple[Any, str]] = {}
     rule_at: dict[str, str] = {}
     pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
 
@@ -287,19 +287,17 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
                 settings, settings_at = spec.settings, here
         for name, cat in spec.categories.items():
             cat_line = f"{path}:{_line_of(root, ['categories', name])}"
-            if cat.action is not None:
-                prev = cat_action.setdefault(name, (cat.action, cat_line))
-                if prev[0] != cat.action:
+            for what, value, seen in (
+                ("action", cat.action, cat_action),
+                ("reason", cat.reason, cat_reason),
+            ):
+                if value is None:
+                    continue
+                first, first_at = seen.setdefault(name, (value, cat_line))
+                if first != value:
                     problems.append(
-                        f"{cat_line}: categories.{name}.action: '{cat.action}' "
-                        f"conflicts with '{prev[0]}' given in {prev[1]}"
-                    )
-            if cat.reason is not None:
-                prev_r = cat_reason.setdefault(name, (cat.reason, cat_line))
-                if prev_r[0] != cat.reason:
-                    problems.append(
-                        f"{cat_line}: categories.{name}.reason: conflicts with the "
-                        f"reason given in {prev_r[1]}"
+                        f"{cat_line}: categories.{name}.{what}: {value!r} conflicts "
+                        f"with {first!r} given in {first_at}"
                     )
             for i, rule in enumerate(cat.rules):
                 where = f"{path}:{_line_of(root, ['categories', name, 'rules', i, 'id'])}"

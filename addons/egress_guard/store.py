@@ -99,6 +99,15 @@ class RequestFilter:
 
 MAX_QUERY_ROWS = 100_000
 
+# RequestFilter field → condition; values are always bound as server-side parameters.
+_FILTER_SQL = (
+    ("user", "user = {user:String}"),
+    ("host", "(host = {host:String} OR endsWith(host, concat('.', {host:String})))"),
+    ("decision", "decision = {decision:String}"),
+    ("since", "ts >= {since:DateTime64(3, 'UTC')}"),
+    ("until", "ts < {until:DateTime64(3, 'UTC')}"),
+)
+
 
 class Store:
     """A ClickHouse client behind a lock: the writer thread and the admin API share it."""
@@ -182,21 +191,11 @@ class Store:
     def query_requests(self, f: RequestFilter) -> list[dict[str, Any]]:
         where = ["1"]
         params: dict[str, Any] = {"limit": max(1, min(int(f.limit), MAX_QUERY_ROWS))}
-        if f.user is not None:
-            where.append("user = {user:String}")
-            params["user"] = f.user
-        if f.host is not None:
-            where.append("(host = {host:String} OR endsWith(host, concat('.', {host:String})))")
-            params["host"] = f.host
-        if f.decision is not None:
-            where.append("decision = {decision:String}")
-            params["decision"] = f.decision
-        if f.since is not None:
-            where.append("ts >= {since:DateTime64(3, 'UTC')}")
-            params["since"] = f.since
-        if f.until is not None:
-            where.append("ts < {until:DateTime64(3, 'UTC')}")
-            params["until"] = f.until
+        for name, condition in _FILTER_SQL:
+            value = getattr(f, name)
+            if value is not None:
+                where.append(condition)
+                params[name] = value
         sql = (
             f"SELECT {', '.join(f'`{c}`' for c in COLUMN_NAMES)} FROM requests "
             f"WHERE {' AND '.join(where)} ORDER BY ts DESC, request_id LIMIT {{limit:UInt32}}"

@@ -226,20 +226,21 @@ class GatewayProcess:
             path.write_text(pem)
         return path
 
-    def query(self, *args: str) -> list[dict[str, Any]]:
-        result = cli(
+    def audit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`egress-guard audit query` against this gateway."""
+        return cli(
             "audit",
             "query",
             "--admin",
             self.admin,
             "--data-dir",
             str(self.data_dir),
-            "--format",
-            "json",
-            "--limit",
-            "10000",
             *args,
+            check=check,
         )
+
+    def query(self, *args: str) -> list[dict[str, Any]]:
+        result = self.audit("--format", "json", "--limit", "10000", *args)
         return json.loads(result.stdout)
 
     def wait_rows(self, predicate: Any, *args: str, timeout: float = 20) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from harness import PAYLOAD, GatewayProcess, Upstream, cli, curl
+from harness import PAYLOAD, GatewayProcess, Upstream, curl
 from support import POLICIES
 
 pytestmark = pytest.mark.slow
@@ -234,35 +234,12 @@ def test_audit_query_filters_and_formats(gw, upstream):
     assert gw.query("--user", "nobody-at-all") == []
     assert gw.query("--since", "2000-01-01", "--until", "2000-01-02") == []
     assert len(gw.query("--limit", "2")) == 2
-    csv_out = cli(
-        "audit",
-        "query",
-        "--admin",
-        gw.admin,
-        "--data-dir",
-        str(gw.data_dir),
-        "--format",
-        "csv",
-        "--host",
-        "localhost",
-    ).stdout
+    csv_out = gw.audit("--format", "csv", "--host", "localhost").stdout
     assert csv_out.splitlines()[0].startswith("ts,node,request_id,")
     assert "/for-query" in csv_out
-    table = cli(
-        "audit", "query", "--admin", gw.admin, "--data-dir", str(gw.data_dir), "--host", "localhost"
-    ).stdout
+    table = gw.audit("--host", "localhost").stdout
     assert table.splitlines()[0].split()[:3] == ["ts", "user", "client_ip"]
-    bad = cli(
-        "audit",
-        "query",
-        "--admin",
-        gw.admin,
-        "--data-dir",
-        str(gw.data_dir),
-        "--since",
-        "yesterday-ish",
-        check=False,
-    )
+    bad = gw.audit("--since", "yesterday-ish", check=False)
     assert bad.returncode != 0 and "not a time" in bad.stderr
 
 
