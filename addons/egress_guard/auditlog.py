@@ -57,6 +57,8 @@ class RequestRow:
     duration_ms: int = 0
     tls_intercepted: bool = False
     error: str = ""
+    declared_bytes: int = 0
+    window_bytes: int = 0
 
     def values(self) -> tuple[Any, ...]:
         return astuple(self)

@@ -26,6 +26,7 @@ class Refusal:
     host: str
     request_id: str
     when: datetime  # aware; shown in the gateway's local time
+    details: tuple[tuple[str, str], ...] = ()  # extra (label, value) rows, e.g. cap and size
 
 
 _CSS = """
@@ -51,6 +52,7 @@ def render(refusal: Refusal) -> bytes:
         ("用户 User", r.user or f"({r.client_ip})"),
         ("时间 Time", when),
         ("请求编号 Request ID", r.request_id),
+        *r.details,
     ]
     details = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
     html = f"""<!DOCTYPE html>

@@ -13,9 +13,10 @@ from typing import Literal
 from .blocklist import Rule
 from .hosts import normalize_host
 from .policy import Policy
+from .upload import CapHit
 
 Verdict = Literal["allow", "block"]
-ReasonKind = Literal["", "blocklist", "error"]
+ReasonKind = Literal["", "blocklist", "upload_cap", "error"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,13 @@ class Decision:
     reason_kind: ReasonKind = ""
     rule: Rule | None = None
     host: str = ""  # the normalized host the rule matched
+    cap: CapHit | None = None  # the upload cap that refused the request
 
     @property
     def rule_id(self) -> str:
-        return self.rule.id if self.rule else ""
+        if self.rule:
+            return self.rule.id
+        return self.cap.cap_id if self.cap else ""
 
     @property
     def category(self) -> str:

@@ -1,7 +1,8 @@
 """Gateway: the mitmproxy addons (thin adapters) and the shared runtime they carry out decisions in.
 
-Hook order is addon order: Setup → Identity → Blocklist → Audit. Each addon turns a flow into
-plain values, calls the pure functions in ``identity`` / ``decision``, and acts on the answer.
+Hook order is addon order: Setup → Identity → Blocklist → Uploads → Audit. Each addon turns a
+flow into plain values, calls the pure functions in ``identity`` / ``decision`` / ``upload``,
+and acts on the answer (refusals that cannot wait for the body go through ``bodygate``).
 Per-flow state lives in ``flow.metadata`` (gone with the flow); the only per-connection state
 is who opened a CONNECT, dropped when the client disconnects.
 """
@@ -18,17 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, ctx, http, tcp, tls, websocket
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import layers, server_hooks
+from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from . import blockpage, console, metrics
+from . import blockpage, bodygate, console, metrics
 from .auditlog import AuditLog, RequestRow, bounded, utc_from_timestamp
 from .decision import ALLOW, Decision, RequestFacts, decide, is_passthrough, needs_interception
 from .hosts import normalize_host, split_host_port
 from .identity import Who, identify
 from .policy import Policy, PolicyError, PolicyWatcher, default_policy_dir, load_policy
 from .store import Store, default_dsn, describe_dsn
+from .upload import CapHit, Limits, UploadGate, UploadWindows, check, describe, limits_for
 
 log = logging.getLogger("egress_guard")
 
@@ -63,6 +66,13 @@ class FlowState:
     who: Who
     decision: Decision
     logged: bool = False
+    limits: Limits | None = None  # upload caps in force for this flow
+    gate: UploadGate | None = None  # set when the body (or tunnel) is counted as it streams
+    declared: int | None = None  # Content-Length as announced
+    window_bytes: int = 0  # bytes this flow put into the user's upload window
+    ws_sent: int = 0
+    ws_received: int = 0
+    ws_cut: bool = False
 
 
 class Gateway:
@@ -75,8 +85,10 @@ class Gateway:
         self.store: Store | None = None
         self.audit: AuditLog | None = None
         self.connect_who: dict[str, Who] = {}
+        self.windows = UploadWindows(24 * 3600, clock)
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
+        self._remote_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -112,6 +124,7 @@ class Gateway:
         )
         metrics.AUDIT_QUEUE_DEPTH.set_function(self.audit.depth)
         self._publish_policy(policy)
+        self._seed_windows()
         self.audit.start()
         kind = "embedded" if self.store.embedded else "server"
         return [
@@ -138,7 +151,10 @@ class Gateway:
                 f"admin    http://{host}:{port}/api/v1/ (bearer token in {where}"
                 f"{', created now' if created else ''}; the CLI reads it from there)"
             )
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch_policy())
+        loop = asyncio.get_running_loop()
+        self._watch_task = loop.create_task(self._watch_policy())
+        if not self.store.embedded:  # other nodes may write to a shared server
+            self._remote_task = loop.create_task(self._refresh_remote_windows())
         return lines
 
     def stop(self) -> None:
@@ -146,8 +162,9 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
-        if self._watch_task:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._remote_task):
+            if task:
+                task.cancel()
         for server in self._servers:
             (getattr(server, "stop", None) or server.shutdown)()
         self._servers.clear()
@@ -175,7 +192,36 @@ class Gateway:
             },
         }
 
+    def _window_start(self) -> datetime:
+        return datetime.fromtimestamp(self.clock() - self.windows.window_seconds, UTC)
+
+    def _seed_windows(self) -> None:
+        """A restart must not hand users a fresh upload window: recount this node's uploads
+        within the window from the request log."""
+        assert self.store is not None
+        for key, second, n in self.store.window_usage(self._window_start(), self.node, own=True):
+            self.windows.add(key, n, at=second)
+
+    async def _refresh_remote_windows(self, every: float = 30.0) -> None:
+        """Multi-node: what the other nodes counted, from the shared store (≤ 30 s + their
+        flush interval behind; documented as at most a minute)."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                rows = await loop.run_in_executor(
+                    None, self.store.window_usage, self._window_start(), self.node, False
+                )
+                remote: dict[str, int] = {}
+                for key, _second, n in rows:
+                    remote[key] = remote.get(key, 0) + n
+                self.windows.remote = remote
+            except Exception as e:  # the store being down must not stop the proxy
+                log.error("cannot refresh upload windows from the store: %s", e)
+            await asyncio.sleep(every)
+
     def _publish_policy(self, policy: Policy) -> None:
+        self.windows.window_seconds = policy.uploads.window_seconds
         metrics.POLICY_RULES.clear()
         for name, stats in policy.stats.items():
             metrics.POLICY_RULES.labels(name).set(stats.rules)
@@ -229,6 +275,11 @@ def _client_ip(client: connection.Client) -> str:
     return client.peername[0] if client.peername else ""
 
 
+def window_key(who: Who, client: connection.Client) -> str:
+    """Whose upload window: the user, or the client address when nobody is known."""
+    return who.user or f"ip:{_client_ip(client)}"
+
+
 def request_hosts(flow: http.HTTPFlow) -> tuple[str, ...]:
     """Every name this request could reach: the URL/connection host, the SNI the client sent,
     and the Host header (a client can make them disagree to sneak past a check on one)."""
@@ -248,30 +299,70 @@ def _header_bytes(message: http.Message, first_line: int) -> int:
     return first_line + sum(len(k) + len(v) + 4 for k, v in message.headers.fields) + 2
 
 
-def _refusal(flow: http.HTTPFlow, state: FlowState, now: float) -> http.Response:
+def refusal_response(
+    flow: http.HTTPFlow,
+    state: FlowState,
+    now: float,
+    status: int,
+    titles: tuple[str, str],
+    reasons: tuple[str, str],
+    details: tuple[tuple[str, str], ...] = (),
+) -> http.Response:
+    """The block page for this flow: titles and reasons as (en, zh)."""
     d = state.decision
-    rule = d.rule
-    assert rule is not None
     refusal = blockpage.Refusal(
-        status=403,
-        title_en="Access blocked by company policy",
-        title_zh="根据公司规定，已阻止访问",
-        reason_en=rule.reason.en,
-        reason_zh=rule.reason.zh,
+        status=status,
+        title_en=titles[0],
+        title_zh=titles[1],
+        reason_en=reasons[0],
+        reason_zh=reasons[1],
         category=d.category,
         rule_id=d.rule_id,
         user=state.who.user,
         client_ip=_client_ip(flow.client_conn),
-        host=d.host,
+        host=d.host or normalize_host(flow.request.host),
         request_id=flow.id,
         when=datetime.fromtimestamp(now, UTC),
+        details=details,
     )
-    return http.Response.make(403, blockpage.render(refusal), blockpage.headers(refusal))
+    return http.Response.make(status, blockpage.render(refusal), blockpage.headers(refusal))
+
+
+def blocked_response(flow: http.HTTPFlow, state: FlowState, now: float) -> http.Response:
+    rule = state.decision.rule
+    assert rule is not None
+    return refusal_response(
+        flow,
+        state,
+        now,
+        403,
+        ("Access blocked by company policy", "根据公司规定，已阻止访问"),
+        (rule.reason.en, rule.reason.zh),
+    )
+
+
+def cap_response(flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float) -> http.Response:
+    window = state.limits.window_seconds if state.limits else 86400
+    en, zh = describe(hit, window)
+    return refusal_response(
+        flow,
+        state,
+        now,
+        413,
+        ("Upload over the allowed size", "上传超过允许的大小"),
+        (
+            en + " Company rules limit how much data may be uploaded to the Internet.",
+            zh + " 公司规定限制向外部网络上传的数据量。",
+        ),
+        (
+            ("限额 Limit", f"{hit.cap:,} bytes ({hit.kind})"),
+            ("本次 This upload", f"{hit.size:,} bytes"),
+            ("窗口已用 Used in window", f"{hit.used:,} bytes"),
+        ),
+    )
 
 
 # --- the addons ------------------------------------------------------------------------------
-
-
 class Setup:
     """Options, startup and shutdown. With ``egress-guard run`` the CLI starts the gateway
     before mitmproxy; with ``mitmdump -s`` this addon starts it from the ``egress_*`` options."""
@@ -368,10 +459,16 @@ class Identity:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.metadata[STATE] = FlowState(self._who(flow), ALLOW)
 
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        who = self.gw.connect_who.get(flow.client_conn.id) or identify(
+            _client_ip(flow.client_conn), None, self.gw.policy
+        )
+        flow.metadata[STATE] = FlowState(who, ALLOW)
+
 
 class Blocklist:
-    """Carries out blocklist decisions at CONNECT, TLS ClientHello, request headers and, as
-    the last line, before any upstream connection."""
+    """Carries out blocklist decisions at CONNECT, at the start of a tunnel, at request headers
+    and, as the last line, before any upstream connection."""
 
     name = "egress_blocklist"  # mitmproxy has its own "blocklist" addon
 
@@ -391,22 +488,46 @@ class Blocklist:
         # (certificate from the SNI, no upstream) so the browser can show the block page.
         self._decide(flow, None)
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        host = data.client_hello.sni or (
-            data.context.server.address[0] if data.context.server.address else ""
-        )
-        if not host:
+    def next_layer(self, nextlayer: layers.NextLayer) -> None:
+        """Pass-through hosts (pinned apps): relay the tunnel as raw TCP, uninspected but
+        counted (a TCP flow, so its client→server bytes meet the upload window).
+
+        mitmproxy's own next-layer addon may run before this one (``egress-guard run``) or
+        after it (``mitmdump -s``): either nothing is chosen yet, or it has just chosen TLS
+        interception for the inside of a CONNECT tunnel."""
+        context = nextlayer.context
+        stack = context.layers
+        proposed = nextlayer.layer
+        if proposed is None:
+            base = len(stack)
+        elif isinstance(proposed, layers.ServerTLSLayer) and proposed in stack:
+            base = stack.index(proposed)
+        else:
             return
-        hosts = (host,)
+        if not base or not isinstance(stack[base - 1], layers.http.HttpStream):
+            return  # only the inside of a CONNECT tunnel
+        if not context.server.address:
+            return
+        try:
+            client_hello = parse_client_hello(nextlayer.data_client())
+        except ValueError:
+            return  # not TLS: decided per request
+        if client_hello is None:
+            return  # not all of the ClientHello yet
+        hosts = tuple(h for h in (context.server.address[0], client_hello.sni) if h)
         policy = self.gw.policy
-        blocked = decide(RequestFacts(hosts, None), policy).verdict == "block"
-        if not blocked and not needs_interception(hosts, policy) and is_passthrough(host, policy):
-            data.ignore_connection = True
+        if decide(RequestFacts(hosts, None), policy).verdict == "block":
+            return
+        if needs_interception(hosts, policy) or not any(is_passthrough(h, policy) for h in hosts):
+            return
+        del stack[base:]  # drop the TLS layers mitmproxy had stacked for interception
+        nextlayer.layer = layers.TCPLayer(context)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         decision = self._decide(flow, flow.request.path)
         if decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
-            flow.response = _refusal(flow, flow.metadata[STATE], self.gw.clock())
+            state: FlowState = flow.metadata[STATE]
+            bodygate.refuse_at_headers(flow, blocked_response(flow, state, self.gw.clock()))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
@@ -415,6 +536,116 @@ class Blocklist:
         decision = decide(RequestFacts((address[0], data.server.sni or ""), None), self.gw.policy)
         if decision.verdict == "block":
             data.server.error = f"egress-guard: {address[0]} is blocked by rule {decision.rule_id}"
+
+
+class Uploads:
+    """Upload caps: per request and per user window, for request bodies, WebSocket messages
+    and pass-through tunnels. Decided at the headers when the size is announced, counted as
+    the bytes stream otherwise."""
+
+    name = "egress_uploads"
+
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    def _limits(self, state: FlowState, host: str) -> Limits:
+        who = state.who
+        return limits_for(
+            self.gw.policy.uploads, who.user, who.groups, host, state.decision.category
+        )
+
+    def _refuse(self, flow: http.HTTPFlow, state: FlowState, hit: CapHit) -> http.Response:
+        state.decision = Decision("block", "upload_cap", None, state.decision.host, hit)
+        return cap_response(flow, state, hit, self.gw.clock())
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or flow.response is not None:  # already refused
+            return
+        limits = state.limits = self._limits(state, normalize_host(flow.request.host))
+        key = window_key(state.who, flow.client_conn)
+        declared = state.declared = bodygate.declared_length(flow.request)
+        windows = self.gw.windows
+        reserved = 0
+        if declared:
+            hit = check(limits, declared, windows.used(key) if limits.per_user is not None else 0)
+            if hit is not None:
+                bodygate.refuse_at_headers(flow, self._refuse(flow, state, hit))
+                return
+            if limits.per_user is not None:
+                windows.add(key, declared)
+                state.window_bytes = reserved = declared
+        if declared is None or declared > self.gw.policy.uploads.stream_above:
+            state.gate = UploadGate(
+                limits, windows, key, lambda hit: self._refuse(flow, state, hit), reserved
+            )
+            bodygate.set_gate(flow, state.gate)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A buffered body nobody announced the size of (HTTP/2 without Content-Length): check
+        it now, before it is forwarded."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.limits is None or state.gate is not None or flow.response:
+            return
+        size = len(flow.request.raw_content or b"")
+        if state.declared is not None or not size:
+            return
+        key = window_key(state.who, flow.client_conn)
+        limits = state.limits
+        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        hit = check(limits, size, used)
+        if hit is not None:
+            flow.response = self._refuse(flow, state, hit)
+        elif limits.per_user is not None:
+            self.gw.windows.add(key, size)
+            state.window_bytes = size
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        state: FlowState | None = flow.metadata.get(STATE)
+        message = flow.websocket.messages[-1]
+        if state is None or not message.from_client or state.limits is None:
+            return
+        if state.ws_cut:
+            message.drop()
+            return
+        size = len(message.content)
+        key = window_key(state.who, flow.client_conn)
+        limits = state.limits
+        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        hit = check(limits, size, used)
+        if hit is not None:
+            state.ws_cut = True
+            state.decision = Decision("block", "upload_cap", None, state.decision.host, hit)
+            bodygate.cut_websocket(flow, message)
+        elif limits.per_user is not None:
+            self.gw.windows.add(key, size)
+            state.window_bytes += size
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        state: FlowState = flow.metadata[STATE]
+        host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
+        state.limits = limits = limits_for(
+            self.gw.policy.uploads, state.who.user, state.who.groups, host, ""
+        )
+        # A tunnel is many requests: only the user's window applies to it, not the
+        # per-request cap.
+        tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
+        state.gate = UploadGate(
+            tunnel_limits,
+            self.gw.windows,
+            window_key(state.who, flow.client_conn),
+            self._tunnel_refused(state),
+        )
+        bodygate.set_gate(flow, state.gate)
+
+    @staticmethod
+    def _tunnel_refused(state: FlowState) -> Callable[[CapHit], http.Response]:
+        def refuse(hit: CapHit) -> http.Response:
+            state.decision = Decision("block", "upload_cap", None, "", hit)
+            return http.Response.make(413)  # never sent: a tunnel has no HTTP answer
+
+        return refuse
 
 
 class Audit:
@@ -431,7 +662,10 @@ class Audit:
         who = state.who if state else Who("")
         decision = state.decision if state else ALLOW
         end = (resp.timestamp_end if resp and resp.timestamp_end else None) or self.gw.clock()
-        body = len(req.raw_content) if req.raw_content else 0
+        if state is not None and state.gate is not None:
+            body = state.gate.seen
+        else:
+            body = len(req.raw_content) if req.raw_content else 0
         first_line = len(req.method) + len(req.path) + len(req.http_version) + 4
         error = flow.error.msg if flow.error else ""
         return RequestRow(
@@ -461,6 +695,10 @@ class Audit:
             duration_ms=max(0, int((end - req.timestamp_start) * 1000)),
             tls_intercepted=flow.client_conn.tls_established,
             error=bounded(error, "error"),
+            declared_bytes=(state.declared or 0) if state else 0,
+            window_bytes=(state.window_bytes + (state.gate.counted if state.gate else 0))
+            if state
+            else 0,
         )
 
     def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> None:
@@ -482,32 +720,51 @@ class Audit:
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
 
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Count, then forget the message: a long-lived WebSocket must not grow the process."""
         assert flow.websocket is not None
-        row = self._http_row(flow, flow.metadata.get(STATE), "websocket")
-        sent = sum(len(m.content) for m in flow.websocket.messages if m.from_client)
-        received = sum(len(m.content) for m in flow.websocket.messages if not m.from_client)
+        state: FlowState | None = flow.metadata.get(STATE)
+        message: websocket.WebSocketMessage = flow.websocket.messages[-1]
+        if state is not None:
+            if message.from_client:
+                state.ws_sent += len(message.content)
+            else:
+                state.ws_received += len(message.content)
+        del flow.websocket.messages[:]
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        row = self._http_row(flow, state, "websocket")
+        sent, received = (state.ws_sent, state.ws_received) if state else (0, 0)
         row.upload_bytes, row.request_bytes, row.response_bytes = sent, sent, received
+        row.declared_bytes = 0
+        row.window_bytes = state.window_bytes if state else 0
         row.request_id = f"{flow.id}/ws"
+        if flow.websocket and flow.websocket.close_code == 1009 and not row.error:
+            row.error = "WebSocket closed by egress-guard: upload limit"
         self.gw.record(row)
 
     def _tunnel_row(
         self,
-        context_client: connection.Client,
+        client: connection.Client,
         server: connection.Server,
         sni: str | None,
         error: str,
         intercepted: bool,
+        state: FlowState | None = None,
     ) -> RequestRow:
         host, port = server.address if server.address else (sni or "", 0)
-        who = self.gw.connect_who.get(context_client.id) or identify(
-            _client_ip(context_client), None, self.gw.policy
+        who = self.gw.connect_who.get(client.id) or identify(
+            _client_ip(client), None, self.gw.policy
         )
         decision = decide(RequestFacts((host, sni or ""), None), self.gw.policy)
+        if state is not None and state.decision.verdict == "block":
+            decision = state.decision
+        gate = state.gate if state else None
         return RequestRow(
-            ts=utc_from_timestamp(context_client.timestamp_start),
-            request_id=f"{context_client.id}/tunnel",
-            client_ip=_client_ip(context_client),
+            ts=utc_from_timestamp(client.timestamp_start),
+            request_id=f"{client.id}/tunnel",
+            client_ip=_client_ip(client),
             user=who.user,
             groups=list(who.groups),
             method="CONNECT",
@@ -521,16 +778,42 @@ class Audit:
             category=decision.category,
             tls_intercepted=intercepted,
             error=bounded(error, "error"),
-            duration_ms=max(0, int((self.gw.clock() - context_client.timestamp_start) * 1000)),
+            duration_ms=max(0, int((self.gw.clock() - client.timestamp_start) * 1000)),
+            upload_bytes=gate.seen if gate else 0,
+            request_bytes=gate.seen if gate else 0,
+            window_bytes=gate.counted if gate else 0,
         )
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if data.ignore_connection:  # pass-through (pinned app): log the tunnel we won't see into
-            self.gw.record(
-                self._tunnel_row(
-                    data.context.client, data.context.server, data.client_hello.sni, "", False
-                )
-            )
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Bytes are counted by the gate; the messages themselves are not kept."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None:
+            message = flow.messages[-1]
+            if not message.from_client:
+                state.ws_received += len(message.content)
+        del flow.messages[:]
+
+    def _tcp_done(self, flow: tcp.TCPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.logged:
+            return
+        state.logged = True
+        row = self._tunnel_row(
+            flow.client_conn,
+            flow.server_conn,
+            flow.client_conn.sni,
+            flow.error.msg if flow.error else "",
+            False,
+            state,
+        )
+        row.response_bytes = state.ws_received
+        self.gw.record(row)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        self._tcp_done(flow)
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        self._tcp_done(flow)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         client = data.context.client
@@ -547,5 +830,6 @@ class Audit:
 
 
 def make_addons(gateway: Gateway | None = None) -> list[object]:
+    bodygate.install()
     gw = gateway or Gateway()
-    return [Setup(gw), Identity(gw), Blocklist(gw), Audit(gw)]
+    return [Setup(gw), Identity(gw), Blocklist(gw), Uploads(gw), Audit(gw)]

@@ -18,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -27,6 +28,8 @@ from pydantic import (
 
 from .blocklist import HostIndex, Reason, Rule
 from .hosts import validate_host_pattern
+from .units import parse_duration, parse_size
+from .upload import UploadOverride, UploadRules
 
 RETENTION_MIN_MONTHS = 6
 
@@ -114,9 +117,57 @@ class SettingsSpec(_Strict):
         return self
 
 
+def _size_or_unlimited(value: Any) -> int | None:
+    if isinstance(value, str) and value.strip().lower() == "unlimited":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a size (examples: 10MiB, 1GB, unlimited)")
+    return parse_size(value)
+
+
+def _duration_seconds(value: Any) -> float:
+    seconds = parse_duration(str(value)).total_seconds()
+    if seconds <= 0:
+        raise ValueError("a window must be longer than zero")
+    return seconds
+
+
+Limit = Annotated[int | None, BeforeValidator(_size_or_unlimited)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Window = Annotated[float, BeforeValidator(_duration_seconds)]
+
+
+class UploadOverrideSpec(_Strict):
+    id: RuleId
+    hosts: list[HostPattern] = []
+    exact_hosts: list[HostPattern] = []
+    categories: list[CategoryName] = []
+    users: list[NonEmpty] = []
+    groups: list[NonEmpty] = []
+    per_request: Limit = None
+    per_user: Limit = None
+
+    @model_validator(mode="after")
+    def _needs_selector_and_limit(self) -> UploadOverrideSpec:
+        if not (self.hosts or self.exact_hosts or self.categories or self.users or self.groups):
+            raise ValueError("an override needs hosts, exact_hosts, categories, users or groups")
+        if not {"per_request", "per_user"} & self.model_fields_set:
+            raise ValueError("an override must set per_request and/or per_user")
+        return self
+
+
+class UploadSpec(_Strict):
+    per_request: Limit = 10 * 1024 * 1024
+    per_user: Limit = 200 * 1024 * 1024
+    window: Window = 24 * 3600.0
+    stream_above: Size = 1024 * 1024
+    overrides: list[UploadOverrideSpec] = []
+
+
 class PolicyFileSpec(_Strict):
     categories: dict[CategoryName, CategorySpec] = {}
     settings: SettingsSpec | None = None
+    uploads: UploadSpec | None = None
 
 
 # --- errors with file and line ---------------------------------------------------------------
@@ -204,6 +255,7 @@ class Policy:
     identities: tuple[Identity, ...]  # most specific network first
     user_groups: dict[str, tuple[str, ...]]
     retention_months: int
+    uploads: UploadRules = field(default_factory=UploadRules)
     stats: dict[str, CategoryStats] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -278,7 +330,15 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     rule_at: dict[str, str] = {}
     pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
 
+    uploads: UploadSpec | None = None
+    uploads_at = ""
     for path, spec, root in parsed:
+        if spec.uploads is not None:
+            here = f"{path}:{_line_of(root, ['uploads'])}"
+            if uploads is not None:
+                problems.append(f"{here}: uploads: already given in {uploads_at}")
+            else:
+                uploads, uploads_at = spec.uploads, here
         if spec.settings is not None:
             here = f"{path}:{_line_of(root, ['settings'])}"
             if settings is not None:
@@ -355,6 +415,7 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     )
     return Policy(
         source=str(directory),
+        uploads=_compile_uploads(uploads or UploadSpec()),
         rules=tuple(rules),
         index=HostIndex.build(rules),
         passthrough=HostIndex.build(passthrough_rules),
@@ -362,6 +423,41 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
         user_groups={u: tuple(g) for u, g in settings.user_groups.items()},
         retention_months=settings.retention_months,
         stats={name: CategoryStats(*counts) for name, counts in sorted(stats.items())},
+    )
+
+
+def _compile_uploads(spec: UploadSpec) -> UploadRules:
+    overrides = []
+    for o in spec.overrides:
+        hosts = None
+        if o.hosts or o.exact_hosts:
+            hosts = HostIndex.build(
+                [
+                    Rule(
+                        o.id,
+                        "uploads",
+                        "allow",
+                        Reason("", ""),
+                        hosts=tuple(o.hosts),
+                        exact_hosts=tuple(o.exact_hosts),
+                    )
+                ]
+            )
+        overrides.append(
+            UploadOverride(
+                id=o.id,
+                hosts=hosts,
+                categories=frozenset(o.categories),
+                users=frozenset(o.users),
+                groups=frozenset(o.groups),
+                per_request=o.per_request,
+                per_user=o.per_user,
+                sets_per_request="per_request" in o.model_fields_set,
+                sets_per_user="per_user" in o.model_fields_set,
+            )
+        )
+    return UploadRules(
+        spec.per_request, spec.per_user, spec.window, spec.stream_above, tuple(overrides)
     )
 
 

@@ -51,12 +51,18 @@ REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("duration_ms", "UInt32"),
     ("tls_intercepted", "Bool"),
     ("error", "String"),
+    # migration 2
+    ("declared_bytes", "UInt64"),  # Content-Length as the client announced it
+    ("window_bytes", "UInt64"),  # bytes counted towards the user's rolling upload window
 )
 COLUMN_NAMES = tuple(name for name, _ in REQUEST_COLUMNS)
 
 
+_V1_COLUMNS = REQUEST_COLUMNS[: [n for n, _ in REQUEST_COLUMNS].index("declared_bytes")]
+
+
 def _requests_ddl() -> str:
-    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in REQUEST_COLUMNS)
+    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in _V1_COLUMNS)
     # Month partitions make the retention TTL drop whole parts; the sort key puts the day
     # first (every audit query has a time range), then who and where.
     return (
@@ -71,6 +77,14 @@ def _requests_ddl() -> str:
 # (version, name, statements). Append only: a released migration never changes.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "requests table", (_requests_ddl(),)),
+    (
+        2,
+        "upload accounting columns",
+        (
+            "ALTER TABLE requests ADD COLUMN IF NOT EXISTS declared_bytes UInt64",
+            "ALTER TABLE requests ADD COLUMN IF NOT EXISTS window_bytes UInt64",
+        ),
+    ),
 )
 
 
@@ -187,6 +201,19 @@ class Store:
     def insert_requests(self, rows: Sequence[Sequence[Any]]) -> None:
         with self._lock:
             self._client.insert("requests", rows, column_names=COLUMN_NAMES)
+
+    def window_usage(self, since: datetime, node: str, own: bool) -> list[tuple[str, int, int]]:
+        """(user key, unix second, bytes) counted towards upload windows since ``since``, from
+        this node's rows (own=True, to seed after a restart) or the other nodes' rows."""
+        rows = self.query(
+            "SELECT if(user = '', concat('ip:', client_ip), user) AS who, "
+            "toUnixTimestamp(ts) AS second, sum(window_bytes) FROM requests "
+            "WHERE ts >= {since:DateTime64(3, 'UTC')} AND window_bytes > 0 AND "
+            + ("node = {node:String}" if own else "node != {node:String}")
+            + " GROUP BY who, second ORDER BY second",
+            {"since": since, "node": node},
+        )
+        return [(str(w), int(sec), int(n)) for w, sec, n in rows]
 
     def query_requests(self, f: RequestFilter) -> list[dict[str, Any]]:
         where = ["1"]

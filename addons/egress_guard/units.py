@@ -32,3 +32,30 @@ def parse_time(text: str, now: datetime) -> datetime:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.astimezone(UTC)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", 1):
+    _SIZE_FACTORS.update(
+        {_p: 1024**_i, f"{_p}ib": 1024**_i, f"{_p}i": 1024**_i, f"{_p}b": 1000**_i}
+    )
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``10MiB`` (binary), ``1GB`` (decimal), ``512k`` (binary) or a plain number."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"{text} is negative")
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 10MiB, 1GB, 512KiB, 1048576)")
+    return int(float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "").lower()])
+
+
+def format_size(n: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} B"

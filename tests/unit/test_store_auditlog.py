@@ -33,7 +33,15 @@ def row(i, **kw):
 
 def test_migrations_are_versioned_and_idempotent(store):
     assert store.migrate() == []
-    assert store.query("SELECT version FROM schema_migrations") == [(1,)]
+    assert store.query("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    columns = [
+        r[0]
+        for r in store.query(
+            "SELECT name FROM system.columns WHERE "
+            "database = currentDatabase() AND table = 'requests'"
+        )
+    ]
+    assert columns[-2:] == ["declared_bytes", "window_bytes"]
 
 
 def test_requests_table_is_monthly_mergetree_with_at_least_six_months_ttl(store):

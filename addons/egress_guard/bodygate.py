@@ -1,0 +1,222 @@
+"""Body gate: refusing a request while its body is still on the way, and cutting WebSocket
+and pass-through tunnel uploads.
+
+mitmproxy 11 sends an addon's response only after it has read the whole request body, and it
+cannot stream a body and answer at the same time. An egress gateway must do both: refuse an
+over-cap upload at its headers without reading (or buffering) the body and without contacting
+the upstream, and cut a streamed upload the moment it crosses a limit, before the rest of the
+body (and its end) reaches the upstream.
+
+This module is the one place that reaches into mitmproxy's HTTP state machine to do that
+(``HttpStream``, pinned to the mitmproxy version in pyproject.toml; the end-to-end tests exercise
+every path). Addons use two functions:
+
+- ``refuse_at_headers(flow, response)`` from a ``requestheaders`` hook;
+- ``set_gate(flow, gate)``: the body is streamed, and every chunk is shown to ``gate.feed``
+  before it is forwarded; a response from ``feed`` stops the upload there. On a TCP flow (a
+  pass-through tunnel) every client→server chunk is shown to the gate; a refusal closes both
+  sides.
+- ``cut_websocket(flow)`` from a ``websocket_message`` hook: the current message is dropped and
+  the WebSocket is closed on both sides (1009 to the client).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import wsproto.events
+from mitmproxy import flow as mflow
+from mitmproxy import http, tcp
+from mitmproxy.net.http import status_codes
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers import tcp as tcp_layer
+from mitmproxy.proxy.layers import websocket as ws_layer
+from mitmproxy.proxy.layers.http import (
+    HttpResponseHook,
+    HttpStream,
+    RequestData,
+    RequestEndOfMessage,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
+from mitmproxy.proxy.utils import expect
+
+_EARLY = "egress_guard.refuse_early"
+_GATE = "egress_guard.gate"
+_WS_CUT = "egress_guard.ws_cut"
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+
+
+class Gate(Protocol):
+    def feed(self, data: bytes) -> http.Response | None:
+        """Called with each body chunk before it is forwarded. A response refuses the upload:
+        the chunk is not forwarded, the upstream connection is aborted, the client gets it."""
+
+
+def declared_length(request: http.Request) -> int | None:
+    """The body size the request announces: Content-Length, 0 for none, None when unknown
+    (chunked, HTTP/1.0 until close, HTTP/2 without a length)."""
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        return None
+    lengths = {v.strip() for v in headers.get_all("content-length")}
+    if len(lengths) == 1:
+        (value,) = lengths
+        return int(value) if value.isdigit() else None
+    if lengths:  # conflicting lengths: treat as unknown, the body is counted as it comes
+        return None
+    if request.http_version.startswith("HTTP/1") or request.method in _BODYLESS_METHODS:
+        return 0
+    return None
+
+
+def refuse_at_headers(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer now: the body is not read into memory and no upstream connection is made."""
+    flow.response = response
+    if declared_length(flow.request) == 0:
+        return  # no body coming: mitmproxy's own path answers at once
+    if flow.request.http_version.startswith("HTTP/1"):
+        response.headers["Connection"] = "close"
+    flow.metadata[_EARLY] = True
+    flow.request.stream = True  # routes the HTTP layer into start_request_stream (patched)
+    flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send
+
+
+def set_gate(flow: http.HTTPFlow | tcp.TCPFlow, gate: Gate) -> None:
+    if isinstance(flow, http.HTTPFlow):
+        flow.request.stream = True
+    flow.metadata[_GATE] = gate
+
+
+def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
+    message.drop()  # type: ignore[attr-defined]
+    flow.metadata[_WS_CUT] = True
+
+
+# --- the patch -------------------------------------------------------------------------------
+
+_original_start_request_stream = HttpStream.start_request_stream
+_original_state_stream_request_body = HttpStream.state_stream_request_body
+
+
+def _answer_and_discard(self: HttpStream) -> layer.CommandGenerator[None]:
+    """Send flow.response to the client now and swallow whatever is left of the body."""
+    response = self.flow.response
+    assert response is not None
+    response.timestamp_start = response.timestamp_end = time.time()
+    self.client_state = self.state_discard_request_body  # type: ignore[attr-defined]
+    self.server_state = self.state_done
+    content = response.raw_content or b""
+    yield SendHttp(ResponseHeaders(self.stream_id, response, not content), self.context.client)
+    if content:
+        yield SendHttp(ResponseData(self.stream_id, content), self.context.client)
+    yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+    yield HttpResponseHook(self.flow)
+    self.flow.live = False
+
+
+def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
+    if self.flow.metadata.get(_EARLY) and self.flow.response is not None:
+        yield from _answer_and_discard(self)
+        return
+    yield from _original_start_request_stream(self)
+
+
+@expect(RequestData, RequestTrailers, RequestEndOfMessage)
+def _state_stream_request_body(
+    self: HttpStream, event: RequestData | RequestTrailers | RequestEndOfMessage
+) -> layer.CommandGenerator[None]:
+    gate: Gate | None = self.flow.metadata.get(_GATE)
+    if gate is not None and isinstance(event, RequestData):
+        refusal = gate.feed(event.data)
+        if refusal is not None:
+            # Abort the upstream request: it never sees the rest of the body nor its end.
+            yield SendHttp(
+                RequestProtocolError(
+                    self.stream_id,
+                    "egress-guard: upload refused",
+                    status_codes.CLIENT_CLOSED_REQUEST,
+                ),
+                self.context.server,
+            )
+            if self.flow.response is None:  # the upstream has not answered: the client can
+                if self.flow.request.http_version.startswith("HTTP/1"):
+                    refusal.headers["Connection"] = "close"
+                self.flow.response = refusal
+                yield from _answer_and_discard(self)
+            else:
+                yield SendHttp(
+                    ResponseProtocolError(self.stream_id, "killed", status_codes.NO_RESPONSE),
+                    self.context.client,
+                )
+                self.client_state = self.server_state = self.state_errored
+            return
+    yield from _original_state_stream_request_body(self, event)
+
+
+@expect(RequestData, RequestTrailers, RequestEndOfMessage)
+def _state_discard_request_body(
+    self: HttpStream, event: RequestData | RequestTrailers | RequestEndOfMessage
+) -> layer.CommandGenerator[None]:
+    if isinstance(event, RequestEndOfMessage):
+        self.client_state = self.state_done
+    yield from ()
+
+
+_original_tcp_relay = tcp_layer.TCPLayer.relay_messages
+
+
+@expect(events.DataReceived, events.ConnectionClosed, tcp_layer.TcpMessageInjected)
+def _tcp_relay(self: tcp_layer.TCPLayer, event: events.Event) -> layer.CommandGenerator[None]:
+    gate: Gate | None = self.flow.metadata.get(_GATE) if self.flow else None
+    if (
+        gate is not None
+        and isinstance(event, events.DataReceived)
+        and event.connection == self.context.client
+        and gate.feed(event.data) is not None
+    ):
+        assert self.flow is not None
+        self.flow.error = mflow.Error("egress-guard: upload limit reached, tunnel closed")
+        yield commands.CloseConnection(self.context.server)
+        yield commands.CloseConnection(self.context.client)
+        yield tcp_layer.TcpErrorHook(self.flow)
+        self.flow.live = False
+        self._handle_event = self.done
+        return
+    yield from _original_tcp_relay(self, event)
+
+
+_original_ws_relay = ws_layer.WebsocketLayer.relay_messages
+
+
+@expect(events.DataReceived, events.ConnectionClosed, ws_layer.WebSocketMessageInjected)
+def _ws_relay(self: ws_layer.WebsocketLayer, event: events.Event) -> layer.CommandGenerator[None]:
+    yield from _original_ws_relay(self, event)
+    if self.flow.metadata.pop(_WS_CUT, None) and self._handle_event != self.done:
+        websocket = self.flow.websocket
+        assert websocket is not None
+        for ws, code in ((self.client_ws, 1009), (self.server_ws, 1008)):
+            if ws.state in (wsproto.ConnectionState.OPEN, wsproto.ConnectionState.REMOTE_CLOSING):
+                yield ws.send2(wsproto.events.CloseConnection(code, "egress-guard: upload limit"))
+            yield commands.CloseConnection(ws.conn)
+        websocket.timestamp_end = time.time()
+        websocket.closed_by_client = False
+        websocket.close_code, websocket.close_reason = 1009, "egress-guard: upload limit"
+        yield ws_layer.WebsocketEndHook(self.flow)
+        self.flow.live = False
+        self._handle_event = self.done
+
+
+def install() -> None:
+    """Idempotent; called when the addons are made."""
+    HttpStream.start_request_stream = _start_request_stream  # type: ignore[method-assign]
+    HttpStream.state_stream_request_body = _state_stream_request_body  # type: ignore[method-assign]
+    HttpStream.state_discard_request_body = _state_discard_request_body  # type: ignore[attr-defined]
+    tcp_layer.TCPLayer.relay_messages = _tcp_relay  # type: ignore[method-assign]
+    ws_layer.WebsocketLayer.relay_messages = _ws_relay  # type: ignore[method-assign]
