@@ -625,9 +625,8 @@ class Uploads:
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         state: FlowState = flow.metadata[STATE]
         host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
-        state.limits = limits = limits_for(
-            self.gw.policy.uploads, state.who.user, state.who.groups, host, ""
-        )
+        state.decision = decide(RequestFacts((host,), None), self.gw.policy)
+        state.limits = limits = self._limits(state, host)
         # A tunnel is many requests: only the user's window applies to it, not the
         # per-request cap.
         tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)

@@ -3,6 +3,7 @@ reaches it, the gateway as a subprocess on free ports, and curl as the client.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -44,38 +45,67 @@ class Seen:
     host: str
     body_sha256: str
     body_len: int
+    complete: bool = True  # False: the body ended before its announced end (a cut upload)
+
+
+def _read_body(rfile: Any, headers: Any) -> tuple[bytes, bool]:
+    """The request body as it arrived, and whether it arrived whole."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        parts = []
+        while True:
+            line = rfile.readline()
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                return b"".join(parts), False  # connection cut inside the body
+            if size == 0:
+                rfile.readline()
+                return b"".join(parts), True
+            chunk = rfile.read(size)
+            parts.append(chunk)
+            if len(chunk) < size:
+                return b"".join(parts), False
+            rfile.readline()
+    length = int(headers.get("Content-Length") or 0)
+    body = rfile.read(length) if length else b""
+    return body, len(body) == length
 
 
 @dataclass
 class Upstream:
-    """HTTP + HTTPS servers on 127.0.0.1 that record every request that reaches them."""
+    """HTTP + HTTPS servers on a loopback address that record every request (and every
+    connection) that reaches them."""
 
     tmp: Path
+    host: str = "127.0.0.1"
     seen: list[Seen] = field(default_factory=list)
+    connections: int = 0
     http_port: int = 0
     https_port: int = 0
     ca_path: Path = Path()
     _servers: list[ThreadingHTTPServer] = field(default_factory=list)
 
-    def start(self) -> Upstream:
+    def _write_cert(self) -> Path:
         from mitmproxy import certs
 
         ca_store = certs.CertStore.from_store(self.tmp / "upstream-ca", "upstream", 2048)
         self.ca_path = self.tmp / "upstream-ca" / "upstream-ca-cert.pem"
         entry = ca_store.get_cert(
             "localhost",
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(self.host))],
         )
         cert_file = self.tmp / "upstream.pem"
-        cert_file.write_bytes(
-            entry.cert.to_pem()
-            + entry.privatekey.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
+        key = entry.privatekey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
         )
-        seen = self.seen
+        cert_file.write_bytes(entry.cert.to_pem() + key)
+        return cert_file
+
+    def start(self) -> Upstream:
+        cert_file = self._write_cert()
+        upstream = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -84,19 +114,20 @@ class Upstream:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body, complete = _read_body(self.rfile, self.headers)
                 digest = hashlib.sha256(body).hexdigest()
-                seen.append(
-                    Seen(self.command, self.path, self.headers.get("Host", ""), digest, len(body))
+                host = self.headers.get("Host", "")
+                upstream.seen.append(
+                    Seen(self.command, self.path, host, digest, len(body), complete)
                 )
+                if not complete:
+                    self.close_connection = True
+                    return
                 if self.path.startswith("/payload"):
                     out, ctype = PAYLOAD, "application/octet-stream"
                 else:
-                    out = json.dumps(
-                        {"path": self.path, "sha256": digest, "len": len(body)}
-                    ).encode()
-                    ctype = "application/json"
+                    info = {"path": self.path, "sha256": digest, "len": len(body)}
+                    out, ctype = json.dumps(info).encode(), "application/json"
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(out)))
@@ -105,8 +136,13 @@ class Upstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
-        plain = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        tls = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class CountingServer(ThreadingHTTPServer):
+            def process_request(self, request: Any, client_address: Any) -> None:
+                upstream.connections += 1
+                super().process_request(request, client_address)
+
+        plain = CountingServer((self.host, 0), Handler)
+        tls = CountingServer((self.host, 0), Handler)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert_file)
         tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
@@ -124,6 +160,16 @@ class Upstream:
 
     def paths(self) -> list[str]:
         return [s.path for s in self.seen]
+
+    def find(self, path: str, wait: float = 0) -> Seen | None:
+        """The request for ``path``; with ``wait``, poll that long for a handler that is still
+        reading a body the gateway cut (it records the request when the body ends)."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = next((s for s in self.seen if s.path == path), None)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
 
 
 # --- the gateway -----------------------------------------------------------------------------
@@ -322,9 +368,111 @@ def curl(
     while raw.startswith(b"HTTP/"):
         head, _, raw = raw.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
-        if "established" in lines[0].lower():
-            continue
         status = int(lines[0].split()[1])
+        if "established" in lines[0].lower() or 100 <= status < 200:
+            status = 0  # the proxy's CONNECT answer or an interim 1xx: the real one follows
+            continue
         hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
         break
     return Reply(status, hdrs, raw, result.returncode, result.stderr.decode(errors="replace"))
+
+
+# --- WebSocket ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WsEcho:
+    """A WebSocket echo server on 127.0.0.1 that records the size of every message it got."""
+
+    received: list[int] = field(default_factory=list)
+    port: int = 0
+    _sock: socket.socket | None = None
+
+    def start(self) -> WsEcho:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, CloseConnection, Message, Request
+
+        ws = WSConnection(ConnectionType.SERVER)
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                ws.receive_data(data or None)
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        conn.sendall(ws.send(AcceptConnection()))
+                    elif isinstance(event, Message) and event.message_finished:
+                        self.received.append(len(event.data))
+                        conn.sendall(ws.send(Message(data=f"got {len(event.data)}")))
+                    elif isinstance(event, CloseConnection):
+                        with contextlib.suppress(Exception):
+                            conn.sendall(ws.send(event.response()))
+                        return
+                if not data:
+                    return
+
+    def stop(self) -> None:
+        if self._sock:
+            self._sock.close()
+
+
+def ws_session(
+    proxy_port: int,
+    target_port: int,
+    sizes: list[int],
+    proxy_auth: str | None = None,
+    timeout: float = 20,
+) -> tuple[list[str], int | None]:
+    """Open ws://127.0.0.1:target_port/ws through the proxy (plain HTTP proxying), send one
+    binary message per size, collect the echoes; returns (echoes, close code or None)."""
+    import base64 as b64
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Message, Request
+
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+    ws = WSConnection(ConnectionType.CLIENT)
+    extra = []
+    if proxy_auth:
+        extra.append((b"proxy-authorization", b"Basic " + b64.b64encode(proxy_auth.encode())))
+    host = f"127.0.0.1:{target_port}"
+    sock.sendall(ws.send(Request(host=host, target=f"http://{host}/ws", extra_headers=extra)))
+    echoes: list[str] = []
+    close_code: int | None = None
+    pending = list(sizes)
+    accepted = False
+    with sock:
+        while True:
+            if accepted and pending and len(echoes) == len(sizes) - len(pending):
+                sock.sendall(ws.send(Message(data=b"x" * pending.pop(0))))
+            if accepted and not pending and len(echoes) == len(sizes):
+                return echoes, close_code
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    accepted = True
+                elif isinstance(event, Message):
+                    echoes.append(str(event.data))
+                elif isinstance(event, CloseConnection):
+                    close_code = event.code
+                    return echoes, close_code
+            if not data:
+                return echoes, close_code
