@@ -37,6 +37,7 @@ from mitmproxy.proxy.layers.http import (
     HttpStream,
     RequestData,
     RequestEndOfMessage,
+    RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
     ResponseData,
@@ -101,7 +102,6 @@ def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
 
 # --- the patch -------------------------------------------------------------------------------
 
-_original_start_request_stream = HttpStream.start_request_stream
 _original_state_stream_request_body = HttpStream.state_stream_request_body
 
 
@@ -122,10 +122,28 @@ def _answer_and_discard(self: HttpStream) -> layer.CommandGenerator[None]:
 
 
 def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
+    """mitmproxy's start_request_stream, plus: answer an early refusal instead, and frame a
+    length-less HTTP/2 or HTTP/3 body as chunked towards an HTTP/1 upstream (mitmproxy 11
+    sends it unframed there, so the upstream reads an empty body and loses the upload)."""
     if self.flow.metadata.get(_EARLY) and self.flow.response is not None:
         yield from _answer_and_discard(self)
         return
-    yield from _original_start_request_stream(self)
+    if self.flow.response:
+        raise NotImplementedError("Can't set a response and enable streaming at the same time.")
+    ok = yield from self.make_server_connection()
+    if not ok:
+        self.client_state = self.state_errored
+        return
+    request = self.flow.request
+    if (
+        (request.is_http2 or request.is_http3)
+        and self.context.server.alpn not in (b"h2", b"h3")
+        and "content-length" not in request.headers
+        and "transfer-encoding" not in request.headers
+    ):
+        request.headers["transfer-encoding"] = "chunked"
+    yield SendHttp(RequestHeaders(self.stream_id, request, end_stream=False), self.context.server)
+    self.client_state = self.state_stream_request_body
 
 
 @expect(RequestData, RequestTrailers, RequestEndOfMessage)

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import socket
+import subprocess
 
 import pytest
 
@@ -175,6 +176,71 @@ def test_chunked_over_cap_upload_is_cut_before_its_end(gw, upstream, tmp_path, s
         "uploads.per_request",
     )
     assert 0 < row["upload_bytes"] <= 2 * MiB
+
+
+def test_http2_upload_without_length_is_cut(gw, upstream):
+    # curl -T - over HTTP/2: a stream with no Content-Length, counted as it flows.
+    url = f"https://127.0.0.1:{upstream.https_port}/h2-stream"
+    cmd = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "-x",
+        gw.proxy,
+        "--cacert",
+        str(gw.ca_pem()),
+        "--proxy-user",
+        "hank:pw",
+        "-T",
+        "-",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        url,
+    ]
+    result = subprocess.run(
+        cmd, input=os.urandom(3 * MiB), capture_output=True, timeout=60, check=False
+    )
+    assert result.stdout.decode().split()[:2] == ["413", "2"], result
+    seen = upstream.find("/h2-stream", wait=10)
+    assert seen is None or not seen.complete
+    (row,) = rows_for(gw, "hank", "/h2-stream")
+    assert (row["rule_id"], row["http_version"]) == ("uploads.per_request", "HTTP/2.0")
+
+
+@pytest.mark.parametrize("size", [3000, 1_500_000])
+def test_http2_upload_without_length_arrives_whole(gw, upstream, size):
+    # HTTP/2 from the client, HTTP/1.1 to the upstream, no Content-Length: the body must be
+    # re-framed (chunked), not sent bare (mitmproxy 11 alone loses it).
+    data = os.urandom(size)
+    url = f"https://127.0.0.1:{upstream.https_port}/h2-ok-{size}"
+    cmd = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "-x",
+        gw.proxy,
+        "--cacert",
+        str(gw.ca_pem()),
+        "--proxy-user",
+        "dave:pw",
+        "-T",
+        "-",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        url,
+    ]
+    result = subprocess.run(cmd, input=data, capture_output=True, timeout=60, check=False)
+    assert result.stdout.decode().split() == ["200", "2"], result
+    seen = upstream.find(f"/h2-ok-{size}")
+    assert seen.complete and seen.body_sha256 == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize("size", [100_000, 1_500_000])
