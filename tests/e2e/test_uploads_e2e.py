@@ -44,7 +44,7 @@ categories:
         exact_hosts: [localhost]
 """
 SETTINGS = "settings:\n  passthrough_hosts: [127.0.0.2]\n"
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "bigsender", "hank"]
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "bigsender", "hank", "ivan"]
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +403,28 @@ def test_pass_through_tunnel_bytes_are_counted_and_cut(gw, pinned_upstream, tmp_
     )
     (blocked,) = [r for r in rows if r["kind"] == "tunnel" and r["decision"] == "block"]
     assert (blocked["reason_kind"], blocked["rule_id"]) == ("upload_cap", "uploads.per_user")
+
+
+def test_restart_does_not_hand_out_a_fresh_window(gw, upstream, tmp_path):
+    four, _ = body_file(tmp_path, int(1.9 * MiB), "four.bin")
+    base = f"http://127.0.0.1:{upstream.http_port}"
+    for i in range(3):  # 5.7 MB of ivan's 6 MiB
+        assert (
+            curl(
+                f"{base}/restart-{i}",
+                gw.proxy,
+                method="POST",
+                extra=(*as_user("ivan"), "--data-binary", f"@{four}"),
+            ).status
+            == 200
+        )
+    rows_for(gw, "ivan", "/restart-2")  # logged (and so durable) before the restart
+    gw.stop()
+    gw.start()
+    again = curl(
+        f"{base}/restart-after",
+        gw.proxy,
+        method="POST",
+        extra=(*as_user("ivan"), "--data-binary", f"@{four}"),
+    )
+    assert again.status == 413 and "uploads.per_user" in again.body.decode()

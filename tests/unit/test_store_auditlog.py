@@ -124,3 +124,20 @@ def test_query_filters(store):
     assert ids(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3)) == ["r2", "r1"]
     assert ids(limit=1) == ["r3"]
     assert ids(user="alice' OR '1'='1") == []  # a value, never SQL
+
+
+def test_window_usage_separates_this_node_from_the_others(store):
+    store.insert_requests(
+        [
+            row(0, node="a", user="alice", window_bytes=100).values(),
+            row(1, node="a", user="", client_ip="10.0.0.9", window_bytes=7).values(),
+            row(2, node="b", user="alice", window_bytes=40).values(),
+            row(3, node="b", user="alice", window_bytes=0).values(),
+            row(-120, node="a", user="alice", window_bytes=999).values(),  # before the window
+        ]
+    )
+    since = T0 - timedelta(minutes=1)
+    own = store.window_usage(since, "a", own=True)
+    assert [(k, n) for k, _s, n in own] == [("alice", 100), ("ip:10.0.0.9", 7)]
+    assert own[0][1] == int((T0).timestamp())
+    assert [(k, n) for k, _s, n in store.window_usage(since, "a", own=False)] == [("alice", 40)]
