@@ -28,6 +28,7 @@ from pydantic import (
 
 from .blocklist import HostIndex, Reason, Rule
 from .hosts import validate_host_pattern
+from .selector import Selector
 from .units import parse_duration, parse_size
 from .upload import UploadOverride, UploadRules
 
@@ -137,20 +138,45 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 Window = Annotated[float, BeforeValidator(_duration_seconds)]
 
 
-class UploadOverrideSpec(_Strict):
+class SelectorSpec(_Strict):
+    """Whom and where an override applies to; all given must match."""
+
     id: RuleId
     hosts: list[HostPattern] = []
     exact_hosts: list[HostPattern] = []
     categories: list[CategoryName] = []
     users: list[NonEmpty] = []
     groups: list[NonEmpty] = []
+
+    @model_validator(mode="after")
+    def _needs_a_selector(self) -> SelectorSpec:
+        if not (self.hosts or self.exact_hosts or self.categories or self.users or self.groups):
+            raise ValueError("an override needs hosts, exact_hosts, categories, users or groups")
+        return self
+
+    def compile(self) -> Selector:
+        hosts = None
+        if self.hosts or self.exact_hosts:
+            rule = Rule(
+                self.id,
+                "override",
+                "allow",
+                Reason("", ""),
+                hosts=tuple(self.hosts),
+                exact_hosts=tuple(self.exact_hosts),
+            )
+            hosts = HostIndex.build([rule])
+        return Selector(
+            hosts, frozenset(self.categories), frozenset(self.users), frozenset(self.groups)
+        )
+
+
+class UploadOverrideSpec(SelectorSpec):
     per_request: Limit = None
     per_user: Limit = None
 
     @model_validator(mode="after")
-    def _needs_selector_and_limit(self) -> UploadOverrideSpec:
-        if not (self.hosts or self.exact_hosts or self.categories or self.users or self.groups):
-            raise ValueError("an override needs hosts, exact_hosts, categories, users or groups")
+    def _needs_a_limit(self) -> UploadOverrideSpec:
         if not {"per_request", "per_user"} & self.model_fields_set:
             raise ValueError("an override must set per_request and/or per_user")
         return self
@@ -427,38 +453,18 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
 
 
 def _compile_uploads(spec: UploadSpec) -> UploadRules:
-    overrides = []
-    for o in spec.overrides:
-        hosts = None
-        if o.hosts or o.exact_hosts:
-            hosts = HostIndex.build(
-                [
-                    Rule(
-                        o.id,
-                        "uploads",
-                        "allow",
-                        Reason("", ""),
-                        hosts=tuple(o.hosts),
-                        exact_hosts=tuple(o.exact_hosts),
-                    )
-                ]
-            )
-        overrides.append(
-            UploadOverride(
-                id=o.id,
-                hosts=hosts,
-                categories=frozenset(o.categories),
-                users=frozenset(o.users),
-                groups=frozenset(o.groups),
-                per_request=o.per_request,
-                per_user=o.per_user,
-                sets_per_request="per_request" in o.model_fields_set,
-                sets_per_user="per_user" in o.model_fields_set,
-            )
+    overrides = tuple(
+        UploadOverride(
+            id=o.id,
+            selector=o.compile(),
+            per_request=o.per_request,
+            per_user=o.per_user,
+            sets_per_request="per_request" in o.model_fields_set,
+            sets_per_user="per_user" in o.model_fields_set,
         )
-    return UploadRules(
-        spec.per_request, spec.per_user, spec.window, spec.stream_above, tuple(overrides)
+        for o in spec.overrides
     )
+    return UploadRules(spec.per_request, spec.per_user, spec.window, spec.stream_above, overrides)
 
 
 def policy_snapshot(directory: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:

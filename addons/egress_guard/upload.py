@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from .blocklist import HostIndex
+from .selector import Selector
 from .units import format_size
 
 MiB = 1024 * 1024
@@ -23,23 +23,11 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class UploadOverride:
     id: str
-    hosts: HostIndex | None  # destination hosts (None = any)
-    categories: frozenset[str]  # destination categories (empty = any)
-    users: frozenset[str]
-    groups: frozenset[str]
+    selector: Selector
     per_request: int | None  # None = unlimited
     per_user: int | None
     sets_per_request: bool
     sets_per_user: bool
-
-    def applies(self, user: str, groups: tuple[str, ...], host: str, category: str) -> bool:
-        if self.users and user not in self.users:
-            return False
-        if self.groups and not self.groups.intersection(groups):
-            return False
-        if self.categories and category not in self.categories:
-            return False
-        return not (self.hosts is not None and self.hosts.lookup(host, None) is None)
 
 
 @dataclass(frozen=True)
@@ -70,7 +58,7 @@ def limits_for(
     for o in rules.overrides:
         if (request_done or not o.sets_per_request) and (user_done or not o.sets_per_user):
             continue
-        if not o.applies(user, groups, host, category):
+        if not o.selector.applies(user, groups, host, category):
             continue
         if o.sets_per_request and not request_done:
             per_request, per_request_id, request_done = o.per_request, o.id, True
