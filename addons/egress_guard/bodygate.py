@@ -12,10 +12,13 @@ This module is the one place that reaches into mitmproxy's HTTP state machine to
 every path). Addons use two functions:
 
 - ``refuse_at_headers(flow, response)`` from a ``requestheaders`` hook;
-- ``set_gate(flow, gate)``: the body is streamed, and every chunk is shown to ``gate.feed``
-  before it is forwarded; a response from ``feed`` stops the upload there. On a TCP flow (a
-  pass-through tunnel) every client→server chunk is shown to the gate; a refusal closes both
-  sides.
+- ``add_gate(flow, gate)``: the body is streamed, and every chunk is shown to each gate's
+  ``feed`` before it is forwarded; a response from ``feed`` stops the upload there. A gate with
+  ``hold_last`` keeps the latest chunk back until the body has ended and the
+  ``egress_body_end`` hook (async; addons may scan there, off the event loop) has not refused
+  it with ``refuse_at_end``: so the upstream never holds a complete body before the verdict.
+  On a TCP flow (a pass-through tunnel) every client→server chunk is shown to the gates; a
+  refusal closes both sides.
 - ``cut_websocket(flow)`` from a ``websocket_message`` hook: the current message is dropped and
   the WebSocket is closed on both sides (1009 to the client).
 """
@@ -23,13 +26,15 @@ every path). Addons use two functions:
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import wsproto.events
 from mitmproxy import flow as mflow
 from mitmproxy import http, tcp
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.commands import StartHook
 from mitmproxy.proxy.layers import tcp as tcp_layer
 from mitmproxy.proxy.layers import websocket as ws_layer
 from mitmproxy.proxy.layers.http import (
@@ -49,15 +54,28 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.utils import expect
 
 _EARLY = "egress_guard.refuse_early"
-_GATE = "egress_guard.gate"
+_GATES = "egress_guard.gates"
+_HELD = "egress_guard.held_chunk"
+_END_REFUSAL = "egress_guard.end_refusal"
 _WS_CUT = "egress_guard.ws_cut"
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
 
 class Gate(Protocol):
+    hold_last: bool
+
     def feed(self, data: bytes) -> http.Response | None:
         """Called with each body chunk before it is forwarded. A response refuses the upload:
         the chunk is not forwarded, the upstream connection is aborted, the client gets it."""
+
+
+@dataclass
+class EgressBodyEndHook(StartHook):
+    """A streamed request body has ended, its last chunk not yet forwarded: a last chance to
+    refuse it (``refuse_at_end``). Addons may implement it as a coroutine."""
+
+    flow: http.HTTPFlow
+    name: ClassVar[str] = "egress_body_end"
 
 
 def declared_length(request: http.Request) -> int | None:
@@ -89,10 +107,27 @@ def refuse_at_headers(flow: http.HTTPFlow, response: http.Response) -> None:
     flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send
 
 
-def set_gate(flow: http.HTTPFlow | tcp.TCPFlow, gate: Gate) -> None:
+def add_gate(flow: http.HTTPFlow | tcp.TCPFlow, gate: Gate) -> None:
     if isinstance(flow, http.HTTPFlow):
         flow.request.stream = True
-    flow.metadata[_GATE] = gate
+    flow.metadata.setdefault(_GATES, []).append(gate)
+
+
+def gates_of(flow: http.HTTPFlow | tcp.TCPFlow) -> list[Gate]:
+    return flow.metadata.get(_GATES, [])
+
+
+def refuse_at_end(flow: http.HTTPFlow, response: http.Response) -> None:
+    """From ``egress_body_end``: refuse the body that has just ended."""
+    flow.metadata[_END_REFUSAL] = response
+
+
+def _feed(gates: list[Gate], data: bytes) -> http.Response | None:
+    for gate in gates:
+        refusal = gate.feed(data)
+        if refusal is not None:
+            return refusal
+    return None
 
 
 def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
@@ -146,35 +181,59 @@ def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
     self.client_state = self.state_stream_request_body
 
 
+def _refuse_streamed(self: HttpStream, refusal: http.Response) -> layer.CommandGenerator[None]:
+    """Abort the upstream request (it never sees the rest of the body nor its end) and answer
+    the client with the refusal if the upstream has not answered yet."""
+    self.flow.metadata.pop(_HELD, None)
+    yield SendHttp(
+        RequestProtocolError(self.stream_id, "egress-guard: upload refused",
+                             status_codes.CLIENT_CLOSED_REQUEST),
+        self.context.server,
+    )
+    if self.flow.response is None:
+        if self.flow.request.http_version.startswith("HTTP/1"):
+            refusal.headers["Connection"] = "close"
+        self.flow.response = refusal
+        yield from _answer_and_discard(self)
+    else:
+        yield SendHttp(
+            ResponseProtocolError(self.stream_id, "killed", status_codes.NO_RESPONSE),
+            self.context.client,
+        )
+        self.client_state = self.server_state = self.state_errored
+
+
 @expect(RequestData, RequestTrailers, RequestEndOfMessage)
 def _state_stream_request_body(
     self: HttpStream, event: RequestData | RequestTrailers | RequestEndOfMessage
 ) -> layer.CommandGenerator[None]:
-    gate: Gate | None = self.flow.metadata.get(_GATE)
-    if gate is not None and isinstance(event, RequestData):
-        refusal = gate.feed(event.data)
+    gates: list[Gate] = self.flow.metadata.get(_GATES, [])
+    if not gates:
+        yield from _original_state_stream_request_body(self, event)
+        return
+    hold = any(g.hold_last for g in gates)
+    if isinstance(event, RequestData):
+        refusal = _feed(gates, event.data)
         if refusal is not None:
-            # Abort the upstream request: it never sees the rest of the body nor its end.
-            yield SendHttp(
-                RequestProtocolError(
-                    self.stream_id,
-                    "egress-guard: upload refused",
-                    status_codes.CLIENT_CLOSED_REQUEST,
-                ),
-                self.context.server,
-            )
-            if self.flow.response is None:  # the upstream has not answered: the client can
-                if self.flow.request.http_version.startswith("HTTP/1"):
-                    refusal.headers["Connection"] = "close"
-                self.flow.response = refusal
-                yield from _answer_and_discard(self)
-            else:
-                yield SendHttp(
-                    ResponseProtocolError(self.stream_id, "killed", status_codes.NO_RESPONSE),
-                    self.context.client,
-                )
-                self.client_state = self.server_state = self.state_errored
+            yield from _refuse_streamed(self, refusal)
             return
+        if not hold:
+            yield SendHttp(RequestData(self.stream_id, event.data), self.context.server)
+            return
+        held = self.flow.metadata.get(_HELD)
+        if held:
+            yield SendHttp(RequestData(self.stream_id, held), self.context.server)
+        self.flow.metadata[_HELD] = event.data
+        return
+    if isinstance(event, RequestEndOfMessage) and hold:
+        yield EgressBodyEndHook(self.flow)
+        refusal = self.flow.metadata.pop(_END_REFUSAL, None)
+        if refusal is not None:
+            yield from _refuse_streamed(self, refusal)
+            return
+        held = self.flow.metadata.pop(_HELD, None)
+        if held:
+            yield SendHttp(RequestData(self.stream_id, held), self.context.server)
     yield from _original_state_stream_request_body(self, event)
 
 
@@ -192,12 +251,12 @@ _original_tcp_relay = tcp_layer.TCPLayer.relay_messages
 
 @expect(events.DataReceived, events.ConnectionClosed, tcp_layer.TcpMessageInjected)
 def _tcp_relay(self: tcp_layer.TCPLayer, event: events.Event) -> layer.CommandGenerator[None]:
-    gate: Gate | None = self.flow.metadata.get(_GATE) if self.flow else None
+    gates: list[Gate] = self.flow.metadata.get(_GATES, []) if self.flow else []
     if (
-        gate is not None
+        gates
         and isinstance(event, events.DataReceived)
         and event.connection == self.context.client
-        and gate.feed(event.data) is not None
+        and _feed(gates, event.data) is not None
     ):
         assert self.flow is not None
         self.flow.error = mflow.Error("egress-guard: upload limit reached, tunnel closed")

@@ -579,7 +579,7 @@ class Uploads:
             state.gate = UploadGate(
                 limits, windows, key, lambda hit: self._refuse(flow, state, hit), reserved
             )
-            bodygate.set_gate(flow, state.gate)
+            bodygate.add_gate(flow, state.gate)
 
     def request(self, flow: http.HTTPFlow) -> None:
         """A buffered body nobody announced the size of (HTTP/2 without Content-Length): check
@@ -636,7 +636,7 @@ class Uploads:
             window_key(state.who, flow.client_conn),
             self._tunnel_refused(state),
         )
-        bodygate.set_gate(flow, state.gate)
+        bodygate.add_gate(flow, state.gate)
 
     @staticmethod
     def _tunnel_refused(state: FlowState) -> Callable[[CapHit], http.Response]:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from .blocklist import HostIndex, Reason, Rule
 from .hosts import validate_host_pattern
+from .scan import Marker, MarkerOverride, MarkerPolicy, MarkerSet, ScanLimits, spellings
 from .selector import Selector
 from .units import parse_duration, parse_size
 from .upload import UploadOverride, UploadRules
@@ -190,10 +191,68 @@ class UploadSpec(_Strict):
     overrides: list[UploadOverrideSpec] = []
 
 
+ScanAction = Literal["log", "alert", "block"]
+LevelId = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+
+
+class MarkerSpec(_Strict):
+    id: RuleId
+    patterns: list[NonEmpty] = Field(min_length=1)
+    context: Literal["any", "line_start", "line"] = "any"
+    note: str = ""
+
+
+class LevelSpec(_Strict):
+    id: LevelId
+    action: ScanAction
+    markers: list[MarkerSpec] = Field(min_length=1)
+    note: str = ""
+
+
+class MarkerOverrideSpec(SelectorSpec):
+    actions: dict[LevelId, ScanAction] = {}
+    unscannable: ScanAction | None = None
+
+    @model_validator(mode="after")
+    def _needs_an_action(self) -> MarkerOverrideSpec:
+        if not self.actions and self.unscannable is None:
+            raise ValueError("an override must set actions and/or unscannable")
+        return self
+
+
+class MarkersSpec(_Strict):
+    unscannable: ScanAction = "block"
+    max_body: Size = 32 * 1024 * 1024
+    max_expanded: Size = 64 * 1024 * 1024
+    max_depth: int = Field(5, ge=1, le=20)
+    max_seconds: float = Field(10.0, gt=0)
+    levels: list[LevelSpec] = []
+    suppress: list[NonEmpty] = []
+    overrides: list[MarkerOverrideSpec] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MarkersSpec:
+        levels = [lv.id for lv in self.levels]
+        if len(set(levels)) != len(levels):
+            raise ValueError("level ids must be unique")
+        ids = [m.id for lv in self.levels for m in lv.markers]
+        if dup := sorted({i for i in ids if ids.count(i) > 1}):
+            raise ValueError(f"duplicate marker ids: {', '.join(dup)}")
+        for o in self.overrides:
+            if unknown := sorted(set(o.actions) - set(levels)):
+                raise ValueError(f"override {o.id} names unknown levels: {', '.join(unknown)}")
+        for lv in self.levels:
+            for m in lv.markers:
+                for p in m.patterns:
+                    spellings(p)  # raises on a pattern with too many spellings
+        return self
+
+
 class PolicyFileSpec(_Strict):
     categories: dict[CategoryName, CategorySpec] = {}
     settings: SettingsSpec | None = None
     uploads: UploadSpec | None = None
+    markers: MarkersSpec | None = None
 
 
 # --- errors with file and line ---------------------------------------------------------------
@@ -282,6 +341,7 @@ class Policy:
     user_groups: dict[str, tuple[str, ...]]
     retention_months: int
     uploads: UploadRules = field(default_factory=UploadRules)
+    markers: MarkerPolicy = field(default_factory=MarkerPolicy)
     stats: dict[str, CategoryStats] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -349,28 +409,22 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
             continue
         parsed.append((path, spec, root))
 
-    settings: SettingsSpec | None = None
-    settings_at = ""
     cat_action: dict[str, tuple[Any, str]] = {}
     cat_reason: dict[str, tuple[Any, str]] = {}
     rule_at: dict[str, str] = {}
     pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
 
-    uploads: UploadSpec | None = None
-    uploads_at = ""
+    single: dict[str, tuple[Any, str]] = {}  # sections one file only may hold
     for path, spec, root in parsed:
-        if spec.uploads is not None:
-            here = f"{path}:{_line_of(root, ['uploads'])}"
-            if uploads is not None:
-                problems.append(f"{here}: uploads: already given in {uploads_at}")
+        for section in ("settings", "uploads", "markers"):
+            value = getattr(spec, section)
+            if value is None:
+                continue
+            here = f"{path}:{_line_of(root, [section])}"
+            if section in single:
+                problems.append(f"{here}: {section}: already given in {single[section][1]}")
             else:
-                uploads, uploads_at = spec.uploads, here
-        if spec.settings is not None:
-            here = f"{path}:{_line_of(root, ['settings'])}"
-            if settings is not None:
-                problems.append(f"{here}: settings: already given in {settings_at}")
-            else:
-                settings, settings_at = spec.settings, here
+                single[section] = (value, here)
         for name, cat in spec.categories.items():
             cat_line = f"{path}:{_line_of(root, ['categories', name])}"
             for what, value, seen in (
@@ -399,7 +453,9 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     if problems:
         raise PolicyError(problems)
 
-    settings = settings or SettingsSpec()
+    settings: SettingsSpec = single.get("settings", (SettingsSpec(), ""))[0]
+    uploads: UploadSpec = single.get("uploads", (UploadSpec(), ""))[0]
+    markers: MarkersSpec = single.get("markers", (MarkersSpec(), ""))[0]
     rules: list[Rule] = []
     stats: dict[str, list[int]] = {}
     for name, spec_rule, where in pending:
@@ -441,7 +497,8 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     )
     return Policy(
         source=str(directory),
-        uploads=_compile_uploads(uploads or UploadSpec()),
+        uploads=_compile_uploads(uploads),
+        markers=_compile_markers(markers),
         rules=tuple(rules),
         index=HostIndex.build(rules),
         passthrough=HostIndex.build(passthrough_rules),
@@ -465,6 +522,22 @@ def _compile_uploads(spec: UploadSpec) -> UploadRules:
         for o in spec.overrides
     )
     return UploadRules(spec.per_request, spec.per_user, spec.window, spec.stream_above, overrides)
+
+
+def _compile_markers(spec: MarkersSpec) -> MarkerPolicy:
+    markers = tuple(
+        Marker(m.id, lv.id, lv.action, tuple(m.patterns), m.context)
+        for lv in spec.levels
+        for m in lv.markers
+    )
+    overrides = tuple(
+        MarkerOverride(o.id, o.compile(), tuple(o.actions.items()), o.unscannable)
+        for o in spec.overrides
+    )
+    limits = ScanLimits(spec.max_body, spec.max_expanded, spec.max_depth, spec.max_seconds)
+    return MarkerPolicy(
+        MarkerSet(markers, tuple(spec.suppress)), spec.unscannable, limits, overrides
+    )
 
 
 def policy_snapshot(directory: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:

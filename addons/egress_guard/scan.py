@@ -21,9 +21,11 @@ from typing import Literal
 
 import ahocorasick
 
+from .selector import Selector
+
 Action = Literal["log", "alert", "block"]
 ACTION_RANK: dict[str, int] = {"": 0, "log": 1, "alert": 2, "block": 3}
-Context = Literal["any", "line_start"]
+Context = Literal["any", "line_start", "line"]
 
 # Characters that are the same letter to a reader. Only what markers use needs to be here:
 # the automaton holds the combinations, the text is never rewritten.
@@ -114,6 +116,21 @@ _MARKER, _SUPPRESS, _HIDER = 0, 1, 2
 _LINE_LEAD = frozenset(" \t\u3000•·-–—*#>0123456789.、)）(（")
 
 
+_LINE_TAIL = frozenset(
+    " \t\u3000★☆0123456789０１２３４５６７８９年月日个長长期永久.,;:!?，。；：！？、)）】]-–—*"
+)
+
+
+def _alone_on_line(text: str, end: int) -> bool:
+    """Only a period form, punctuation or space follows on the line ("核心商密★10年")."""
+    i = end + 1
+    while i < len(text) and text[i] not in "\n\r":
+        if text[i] not in _LINE_TAIL:
+            return False
+        i += 1
+    return True
+
+
 def _at_line_start(text: str, start: int) -> bool:
     i = start - 1
     while i >= 0 and text[i] not in "\n\r":
@@ -165,7 +182,10 @@ class MarkerSet:
                     found.append((end - length + 1, end, idx))
         result: set[int] = set()
         for start, end, idx in found:
-            if self.markers[idx].context == "line_start" and not _at_line_start(text, start):
+            context = self.markers[idx].context
+            if context != "any" and not _at_line_start(text, start):
+                continue
+            if context == "line" and not _alone_on_line(text, end):
                 continue
             if any(s <= end and start <= e for s, e in spans):  # a suppress phrase overlaps
                 continue
@@ -206,3 +226,128 @@ class StreamScanner:
         self.found |= new
         self.tail = window[-self.keep :]
         return new
+
+
+# --- marker rules → verdict --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    max_body: int = 32 * 1024 * 1024  # bodies up to this are decoded whole; larger: text only
+    max_expanded: int = 64 * 1024 * 1024
+    max_depth: int = 5
+    max_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class MarkerOverride:
+    id: str
+    selector: Selector
+    actions: tuple[tuple[str, Action], ...]  # level → action
+    unscannable: Action | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action | Literal[""]  # "" when nothing matched
+    hits: tuple[Hit, ...] = ()  # with the action in force for each
+    unscannable: str = ""  # why the body could not be fully scanned
+    override_id: str = ""
+
+    @property
+    def rule_id(self) -> str:
+        """The id logged as the rule: the strongest hit's marker, or scan.unscannable."""
+        top = max(self.hits, key=lambda h: ACTION_RANK[h.action], default=None)
+        if top is not None and ACTION_RANK[top.action] >= ACTION_RANK[self.action]:
+            return top.marker_id
+        return "scan.unscannable" if self.unscannable else ""
+
+    @property
+    def level(self) -> str:
+        top = max(self.hits, key=lambda h: ACTION_RANK[h.action], default=None)
+        return top.level if top else ""
+
+
+@dataclass(frozen=True)
+class MarkerPolicy:
+    markers: MarkerSet = field(default_factory=lambda: MarkerSet(()))
+    unscannable: Action = "block"
+    limits: ScanLimits = field(default_factory=ScanLimits)
+    overrides: tuple[MarkerOverride, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.markers.markers)
+
+    def verdict(
+        self,
+        found: Iterable[int],
+        unscannable: str,
+        user: str,
+        groups: tuple[str, ...],
+        host: str,
+        category: str,
+    ) -> Verdict:
+        """The action for what a scan found, with the first applying override in force."""
+        override = next(
+            (o for o in self.overrides if o.selector.applies(user, groups, host, category)), None
+        )
+        actions = dict(override.actions) if override else {}
+        hits = tuple(
+            Hit(h.marker_id, h.level, actions.get(h.level, h.action))
+            for h in self.markers.hits(found)
+        )
+        action: str = max((h.action for h in hits), key=ACTION_RANK.__getitem__, default="")
+        if unscannable:
+            fallback = (
+                override.unscannable if override and override.unscannable else self.unscannable
+            )
+            action = max(action, fallback, key=ACTION_RANK.__getitem__)
+        return Verdict(action, hits, unscannable, override.id if override else "")  # type: ignore[arg-type]
+
+
+@dataclass
+class ScanResult:
+    found: set[int]
+    unscannable: str = ""
+
+
+def scan_body(
+    markers: MarkerSet, data: bytes, content_type: str, content_encoding: str, limits: ScanLimits
+) -> ScanResult:
+    """Decode a whole body and find markers in every text inside it."""
+    from .decode import Budget, Unscannable, Walker
+
+    budget = Budget(
+        max_expanded=limits.max_expanded, max_depth=limits.max_depth, max_seconds=limits.max_seconds
+    )
+    found: set[int] = set()
+    try:
+        for text in Walker(budget).body(data, content_type, content_encoding):
+            found |= markers.find(text)
+    except Unscannable as e:
+        return ScanResult(found, str(e))
+    return ScanResult(found)
+
+
+# --- worker processes -------------------------------------------------------------------------
+# Large bodies are scanned in a process pool: the proxy's event loop (one thread) keeps
+# serving while they are, and the GIL is not shared. Workers build a policy's automaton once.
+
+_WORKER_SETS: dict[int, MarkerSet] = {}
+
+
+def scan_in_worker(
+    key: int,
+    markers: tuple[Marker, ...],
+    suppress: tuple[str, ...],
+    data: bytes,
+    content_type: str,
+    content_encoding: str,
+    limits: ScanLimits,
+) -> ScanResult:
+    marker_set = _WORKER_SETS.get(key)
+    if marker_set is None:
+        _WORKER_SETS.clear()
+        marker_set = _WORKER_SETS[key] = MarkerSet(markers, suppress)
+    return scan_body(marker_set, data, content_type, content_encoding, limits)

@@ -158,6 +158,8 @@ class UploadGate:
     """Counts one streamed body. Bytes beyond ``reserved`` (what the headers declared and the
     window already holds) go into the window as they pass."""
 
+    hold_last = False
+
     def __init__(
         self,
         limits: Limits,
