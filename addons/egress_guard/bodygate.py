@@ -186,8 +186,9 @@ def _refuse_streamed(self: HttpStream, refusal: http.Response) -> layer.CommandG
     the client with the refusal if the upstream has not answered yet."""
     self.flow.metadata.pop(_HELD, None)
     yield SendHttp(
-        RequestProtocolError(self.stream_id, "egress-guard: upload refused",
-                             status_codes.CLIENT_CLOSED_REQUEST),
+        RequestProtocolError(
+            self.stream_id, "egress-guard: upload refused", status_codes.CLIENT_CLOSED_REQUEST
+        ),
         self.context.server,
     )
     if self.flow.response is None:

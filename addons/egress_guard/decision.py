@@ -13,10 +13,11 @@ from typing import Literal
 from .blocklist import Rule
 from .hosts import normalize_host
 from .policy import Policy
+from .scan import Verdict as ScanVerdict
 from .upload import CapHit
 
-Verdict = Literal["allow", "block"]
-ReasonKind = Literal["", "blocklist", "upload_cap", "error"]
+Verdict = Literal["allow", "block", "alert"]
+ReasonKind = Literal["", "blocklist", "upload_cap", "marker", "error"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Decision:
     rule: Rule | None = None
     host: str = ""  # the normalized host the rule matched
     cap: CapHit | None = None  # the upload cap that refused the request
+    scan: ScanVerdict | None = None  # what the marker scan found
 
     @property
     def rule_id(self) -> str:
-        if self.rule:
-            return self.rule.id
-        return self.cap.cap_id if self.cap else ""
+        if self.reason_kind == "upload_cap" and self.cap:
+            return self.cap.cap_id
+        if self.reason_kind == "marker" and self.scan:
+            return self.scan.rule_id
+        return self.rule.id if self.rule else ""
 
     @property
     def category(self) -> str:

@@ -141,8 +141,9 @@ def _param(content_type: str, name: str) -> str:
 
 
 def texts_of(data: bytes, charset: str = "") -> list[str]:
-    """The text(s) bytes may be: the declared charset, else BOM, UTF-8, UTF-16 by its zero
-    bytes, else both GB18030 and Big5 (scanning both costs less than guessing wrong)."""
+    """The text(s) bytes may be: the declared charset, else BOM, else UTF-8, else every one of
+    GB18030, Big5 and (even length) UTF-16 LE/BE: scanning each costs less than guessing wrong,
+    and only bodies that are not UTF-8 pay it."""
     if charset:
         try:
             return [data.decode(charset, "replace")]
@@ -156,12 +157,28 @@ def texts_of(data: bytes, charset: str = "") -> list[str]:
         return [data.decode("utf-8")]
     except UnicodeDecodeError:
         pass
-    sample = data[:4096]
-    if sample.count(b"\x00") > len(sample) // 4:
-        even = sample[0::2].count(b"\x00")
-        odd = sample[1::2].count(b"\x00")
-        return [data.decode("utf-16-be" if even > odd else "utf-16-le", "replace")]
-    return [data.decode("gb18030", "replace"), data.decode("big5", "replace")]
+    candidates = ["gb18030", "big5"]
+    if len(data) % 2 == 0:  # Chinese UTF-16 without a BOM has no telltale zero bytes
+        candidates += ["utf-16-le", "utf-16-be"]
+    return [data.decode(c, "replace") for c in candidates]
+
+
+def form_fields(data: bytes, charset: str = "") -> list[list[tuple[str, str]]]:
+    """A url-encoded form's fields; the percent-escapes are bytes in the form's charset:
+    declared, else UTF-8, else both GB18030 and Big5."""
+    raw = data.decode("latin-1")
+    if charset:
+        try:
+            return [parse_qsl(raw, keep_blank_values=True, encoding=charset, errors="replace")]
+        except LookupError:
+            pass
+    try:
+        return [parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")]
+    except UnicodeDecodeError:
+        return [
+            parse_qsl(raw, keep_blank_values=True, encoding=enc, errors="replace")
+            for enc in ("gb18030", "big5")
+        ]
 
 
 _BLOCK_END = re.compile(
@@ -220,10 +237,10 @@ class Walker:
         elif head.startswith(b"\x1f\x8b"):
             yield from self.blob(undo_content_encoding(data, "gzip", self.budget), "", depth + 1)
         elif mime == "application/x-www-form-urlencoded":
-            for text in texts_of(data, charset):
-                for key, value in parse_qsl(text, keep_blank_values=True):
+            for pairs in form_fields(data, charset):
+                for key, value in pairs:
                     yield from self.value(key, depth)
-                    yield from self.value(value, depth)
+                    yield from self.text(value, "", depth)  # values carry JSON, HTML, base64
         else:
             for text in texts_of(data, charset):
                 yield from self.text(text, mime, depth)
@@ -237,12 +254,18 @@ class Walker:
             except ValueError:
                 pass  # not JSON after all: scan it as text
         if "xml" in mime or "html" in mime or stripped == "<":
-            text = markup_text(text)
+            yield markup_text(text)
+            yield from self.embedded(text, depth)  # data: URLs live in attributes
+            return
         yield from self.value(text, depth)
 
     def value(self, text: str, depth: int) -> Iterator[str]:
         """A piece of text, and whatever is base64-encoded inside it."""
         yield text
+        yield from self.embedded(text, depth)
+
+    def embedded(self, text: str, depth: int) -> Iterator[str]:
+        """Base64 blocks and data: URLs inside a text, decoded and walked."""
         if len(text) < self.budget.base64_min:
             return
         for m in _DATA_URL.finditer(text):
@@ -274,7 +297,7 @@ class Walker:
 
     def multipart(self, data: bytes, content_type: str, depth: int) -> Iterator[str]:
         head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-        message = BytesParser(policy=email_policy.compat32).parsebytes(head + data)
+        message = BytesParser(policy=email_policy.HTTP).parsebytes(head + data)
         if not message.is_multipart():
             raise Unscannable("broken multipart body")
         for part in message.walk():
@@ -283,7 +306,7 @@ class Walker:
             payload = part.get_payload(decode=True) or b""
             self.budget.charge(len(payload))
             yield from self.blob(
-                payload, part.get("Content-Type", ""), depth + 1, part.get_filename() or ""
+                payload, str(part.get("Content-Type", "")), depth + 1, part.get_filename() or ""
             )
 
     def archive(self, data: bytes, depth: int) -> Iterator[str]:

@@ -1,8 +1,9 @@
 """Gateway: the mitmproxy addons (thin adapters) and the shared runtime they carry out decisions in.
 
-Hook order is addon order: Setup → Identity → Blocklist → Uploads → Audit. Each addon turns a
-flow into plain values, calls the pure functions in ``identity`` / ``decision`` / ``upload``,
-and acts on the answer (refusals that cannot wait for the body go through ``bodygate``).
+Hook order is addon order: Setup → Identity → Blocklist → Uploads → Markers → Audit. Each
+addon turns a flow into plain values, calls the pure functions in ``identity`` / ``decision`` /
+``upload`` / ``scan``, and acts on the answer (refusals that cannot wait for the body go
+through ``bodygate``).
 Per-flow state lives in ``flow.metadata`` (gone with the flow); the only per-connection state
 is who opened a CONNECT, dropped when the client disconnects.
 """
@@ -10,11 +11,15 @@ is who opened a CONNECT, dropped when the client disconnects.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import multiprocessing
+import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from .decision import ALLOW, Decision, RequestFacts, decide, is_passthrough, nee
 from .hosts import normalize_host, split_host_port
 from .identity import Who, identify
 from .policy import Policy, PolicyError, PolicyWatcher, default_policy_dir, load_policy
+from .scan import MarkerPolicy, ScanResult, StreamScanner, Verdict, scan_body, scan_in_worker
 from .store import Store, default_dsn, describe_dsn
 from .upload import CapHit, Limits, UploadGate, UploadWindows, check, describe, limits_for
 
@@ -86,6 +92,7 @@ class Gateway:
         self.audit: AuditLog | None = None
         self.connect_who: dict[str, Who] = {}
         self.windows = UploadWindows(24 * 3600, clock)
+        self._scan_pool: ProcessPoolExecutor | None = None
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._remote_task: asyncio.Task[None] | None = None
@@ -152,16 +159,63 @@ class Gateway:
                 f"{', created now' if created else ''}; the CLI reads it from there)"
             )
         loop = asyncio.get_running_loop()
+        self.warm_scan_pool()
         self._watch_task = loop.create_task(self._watch_policy())
         if not self.store.embedded:  # other nodes may write to a shared server
             self._remote_task = loop.create_task(self._refresh_remote_windows())
         return lines
+
+    # --- scanning ---
+
+    INLINE_SCAN_BYTES = 128 * 1024  # smaller bodies are scanned on the event loop (< 1 ms)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._scan_pool is None:
+            # spawn, not fork: the workers need the scanner, not the store engine or the loop.
+            workers = max(1, (os.cpu_count() or 2) - 1)
+            self._scan_pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._scan_pool
+
+    async def scan(
+        self, policy: MarkerPolicy, data: bytes, content_type: str, content_encoding: str
+    ) -> ScanResult:
+        """Scan a whole body: inline when small, else in a worker process so the proxy's
+        event loop keeps serving everyone else."""
+        start = time.perf_counter()
+        markers = policy.markers
+        if len(data) <= self.INLINE_SCAN_BYTES:
+            result = scan_body(markers, data, content_type, content_encoding, policy.limits)
+            metrics.SCAN_SECONDS.labels("inline").observe(time.perf_counter() - start)
+            return result
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self._pool(),
+            scan_in_worker,
+            id(markers),
+            markers.markers,
+            markers.suppress,
+            data,
+            content_type,
+            content_encoding,
+            policy.limits,
+        )
+        metrics.SCAN_SECONDS.labels("worker").observe(time.perf_counter() - start)
+        return result
+
+    def warm_scan_pool(self) -> None:
+        """Start the worker processes now rather than on the first large upload."""
+        if self.policy.markers.active:
+            self._pool().submit(len, b"")
 
     def stop(self) -> None:
         """Stop servers, flush the audit queue, close the store. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
+        if self._scan_pool is not None:
+            self._scan_pool.shutdown(wait=False, cancel_futures=True)
         for task in (self._watch_task, self._remote_task):
             if task:
                 task.cancel()
@@ -362,6 +416,34 @@ def cap_response(flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float)
     )
 
 
+def marker_response(
+    flow: http.HTTPFlow, state: FlowState, verdict: Verdict, now: float
+) -> http.Response:
+    """The refusal for a marked (or unscannable) upload: level and marker id, never the text."""
+    if verdict.hits and any(h.action == "block" for h in verdict.hits):
+        reasons = (
+            f"The content carries a confidentiality marking (level {verdict.level}, "
+            f"rule {verdict.rule_id}). Documents with this marking may not leave the company.",
+            f"内容带有密级或商业秘密标志（级别 {verdict.level}，规则 {verdict.rule_id}），"
+            "按公司规定不得外发。",
+        )
+    else:
+        reasons = (
+            f"The content could not be fully checked for confidentiality markings "
+            f"({verdict.unscannable}), so company policy blocks it.",
+            f"无法完整检查内容是否带有密级标志（{verdict.unscannable}），按公司规定予以阻止。",
+        )
+    return refusal_response(
+        flow,
+        state,
+        now,
+        403,
+        ("Upload blocked: confidential content", "已阻止外发：内容涉密"),
+        reasons,
+        (("级别 Level", verdict.level or "-"),),
+    )
+
+
 # --- the addons ------------------------------------------------------------------------------
 class Setup:
     """Options, startup and shutdown. With ``egress-guard run`` the CLI starts the gateway
@@ -555,7 +637,7 @@ class Uploads:
         )
 
     def _refuse(self, flow: http.HTTPFlow, state: FlowState, hit: CapHit) -> http.Response:
-        state.decision = Decision("block", "upload_cap", None, state.decision.host, hit)
+        state.decision = replace(state.decision, verdict="block", reason_kind="upload_cap", cap=hit)
         return cap_response(flow, state, hit, self.gw.clock())
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -616,7 +698,9 @@ class Uploads:
         hit = check(limits, size, used)
         if hit is not None:
             state.ws_cut = True
-            state.decision = Decision("block", "upload_cap", None, state.decision.host, hit)
+            state.decision = replace(
+                state.decision, verdict="block", reason_kind="upload_cap", cap=hit
+            )
             bodygate.cut_websocket(flow, message)
         elif limits.per_user is not None:
             self.gw.windows.add(key, size)
@@ -641,10 +725,170 @@ class Uploads:
     @staticmethod
     def _tunnel_refused(state: FlowState) -> Callable[[CapHit], http.Response]:
         def refuse(hit: CapHit) -> http.Response:
-            state.decision = Decision("block", "upload_cap", None, "", hit)
+            state.decision = replace(
+                state.decision, verdict="block", reason_kind="upload_cap", cap=hit
+            )
             return http.Response.make(413)  # never sent: a tunnel has no HTTP answer
 
         return refuse
+
+
+class ScanGate:
+    """Watches a streamed body for markers: its raw text as it passes (a marker there stops
+    the upload at once), and a copy up to ``max_body`` for the full decode at the end."""
+
+    hold_last = True  # the upstream gets the last chunk only after the end-of-body verdict
+
+    def __init__(self, policy: MarkerPolicy, on_found: Callable[[set[int]], http.Response | None]):
+        self.policy = policy
+        self.on_found = on_found
+        self.buffer: bytearray | None = bytearray()
+        self.stream = StreamScanner(policy.markers)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, data: bytes) -> http.Response | None:
+        if self.buffer is not None:
+            self.buffer += data
+            if len(self.buffer) > self.policy.limits.max_body:
+                self.buffer = None  # too big to decode whole: raw text only, then unscannable
+        new = self.stream.feed(self.decoder.decode(data))
+        return self.on_found(self.stream.found) if new else None
+
+
+class Markers:
+    """Secret-marker scanning of request bodies and client WebSocket messages: buffered
+    bodies when complete, streamed ones as they pass and again, whole, at their end."""
+
+    name = "egress_markers"
+
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    def _policy(self, flow: http.HTTPFlow) -> tuple[FlowState, MarkerPolicy] | None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        policy = self.gw.policy.markers
+        if state is None or not policy.active or state.decision.verdict == "block":
+            return None
+        return state, policy
+
+    def _apply(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        policy: MarkerPolicy,
+        found: set[int],
+        unscannable: str = "",
+    ) -> http.Response | None:
+        """Record the verdict on the flow; the block page when it blocks."""
+        who = state.who
+        verdict = policy.verdict(
+            found,
+            unscannable,
+            who.user,
+            who.groups,
+            normalize_host(flow.request.host),
+            state.decision.category,
+        )
+        category = state.decision.category
+        for hit in verdict.hits:
+            metrics.MARKER_MATCHES.labels(hit.level, category).inc()
+        metrics.SCAN_VERDICTS.labels(verdict.action or "clean").inc()
+        if verdict.action in ("", "log") and not verdict.hits:
+            return None
+        kind = (
+            "block"
+            if verdict.action == "block"
+            else ("alert" if verdict.action == "alert" else state.decision.verdict)
+        )
+        if kind == "alert":
+            metrics.MARKER_ALERTS.labels(verdict.level).inc()
+        state.decision = replace(state.decision, verdict=kind, reason_kind="marker", scan=verdict)
+        if kind == "block":
+            return marker_response(flow, state, verdict, self.gw.clock())
+        return None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not flow.request.stream:
+            return  # refused already, or buffered: scanned whole in `request`
+        found = self._policy(flow)
+        if found is None:
+            return
+        state, policy = found
+        bodygate.add_gate(
+            flow, ScanGate(policy, lambda f: self._refuse_now(flow, state, policy, f))
+        )
+
+    def _refuse_now(
+        self, flow: http.HTTPFlow, state: FlowState, policy: MarkerPolicy, found: set[int]
+    ) -> http.Response | None:
+        """Mid-stream: stop at once for a blocking marker; alerts wait for the end."""
+        who = state.who
+        verdict = policy.verdict(
+            found,
+            "",
+            who.user,
+            who.groups,
+            normalize_host(flow.request.host),
+            state.decision.category,
+        )
+        if verdict.action != "block":
+            return None
+        return self._apply(flow, state, policy, found)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.request.stream:
+            return
+        found = self._policy(flow)
+        body = flow.request.raw_content
+        if found is None or not body:
+            return
+        state, policy = found
+        headers = flow.request.headers
+        result = await self.gw.scan(
+            policy, body, headers.get("content-type", ""), headers.get("content-encoding", "")
+        )
+        refusal = self._apply(flow, state, policy, result.found, result.unscannable)
+        if refusal is not None:
+            flow.response = refusal
+
+    async def egress_body_end(self, flow: http.HTTPFlow) -> None:
+        gate = next((g for g in bodygate.gates_of(flow) if isinstance(g, ScanGate)), None)
+        found = self._policy(flow)
+        if gate is None or found is None:
+            return
+        state, policy = found
+        if gate.buffer is None:
+            result = ScanResult(
+                set(gate.stream.found),
+                f"body over {policy.limits.max_body} bytes: only its text was scanned",
+            )
+        else:
+            headers = flow.request.headers
+            result = await self.gw.scan(
+                policy,
+                bytes(gate.buffer),
+                headers.get("content-type", ""),
+                headers.get("content-encoding", ""),
+            )
+            gate.buffer = None
+            result.found |= gate.stream.found
+        refusal = self._apply(flow, state, policy, result.found, result.unscannable)
+        if refusal is not None:
+            bodygate.refuse_at_end(flow, refusal)
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        found = self._policy(flow)
+        if found is None or not message.from_client or message.dropped:
+            return
+        state, policy = found
+        if state.ws_cut:
+            return
+        result = await self.gw.scan(policy, message.content, "", "")
+        if self._apply(flow, state, policy, result.found, result.unscannable) is not None:
+            state.ws_cut = True
+            bodygate.cut_websocket(flow, message)
 
 
 class Audit:
@@ -667,6 +911,8 @@ class Audit:
             body = len(req.raw_content) if req.raw_content else 0
         first_line = len(req.method) + len(req.path) + len(req.http_version) + 4
         error = flow.error.msg if flow.error else ""
+        if decision.scan and decision.scan.unscannable:
+            error = f"unscannable: {decision.scan.unscannable}" + (f"; {error}" if error else "")
         return RequestRow(
             ts=utc_from_timestamp(req.timestamp_start),
             request_id=flow.id,
@@ -694,6 +940,8 @@ class Audit:
             duration_ms=max(0, int((end - req.timestamp_start) * 1000)),
             tls_intercepted=flow.client_conn.tls_established,
             error=bounded(error, "error"),
+            marker_ids=[h.marker_id for h in decision.scan.hits] if decision.scan else [],
+            marker_levels=[h.level for h in decision.scan.hits] if decision.scan else [],
             declared_bytes=(state.declared or 0) if state else 0,
             window_bytes=(state.window_bytes + (state.gate.counted if state.gate else 0))
             if state
@@ -831,4 +1079,4 @@ class Audit:
 def make_addons(gateway: Gateway | None = None) -> list[object]:
     bodygate.install()
     gw = gateway or Gateway()
-    return [Setup(gw), Identity(gw), Blocklist(gw), Uploads(gw), Audit(gw)]
+    return [Setup(gw), Identity(gw), Blocklist(gw), Uploads(gw), Markers(gw), Audit(gw)]

@@ -6,7 +6,14 @@ request text, so the series count stays small and no secret ends up in a metric.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 REQUESTS = Counter(
     "egress_guard_requests",
@@ -28,3 +35,20 @@ def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> objec
     """Start the /metrics HTTP server in a daemon thread; returns the server (has shutdown())."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+MARKER_MATCHES = Counter(
+    "egress_guard_marker_matches",
+    "Secret-marker matches, by marker level and destination category",
+    ["level", "category"],
+)
+MARKER_ALERTS = Counter(
+    "egress_guard_marker_alerts", "Requests forwarded with an alert-level marker", ["level"]
+)
+SCAN_VERDICTS = Counter("egress_guard_scan_verdicts", "Body scan verdicts", ["verdict"])
+SCAN_SECONDS = Histogram(
+    "egress_guard_scan_seconds",
+    "Time to scan one body",
+    ["where"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -476,3 +476,37 @@ def ws_session(
                     return echoes, close_code
             if not data:
                 return echoes, close_code
+
+
+def ws_send_texts(
+    proxy_port: int, target_port: int, texts: list[str], timeout: float = 20
+) -> tuple[list[str], int | None]:
+    """Like ws_session, with given text messages."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Message, Request
+
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+    ws = WSConnection(ConnectionType.CLIENT)
+    host = f"127.0.0.1:{target_port}"
+    sock.sendall(ws.send(Request(host=host, target=f"http://{host}/ws")))
+    echoes: list[str] = []
+    pending = list(texts)
+    waiting = False
+    with sock:
+        while True:
+            data = sock.recv(65536)
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection) or (
+                    isinstance(event, Message) and echoes.append(str(event.data)) is None
+                ):
+                    waiting = False
+                elif isinstance(event, CloseConnection):
+                    return echoes, event.code
+            if not data:
+                return echoes, None
+            if not waiting and pending:
+                sock.sendall(ws.send(Message(data=pending.pop(0))))
+                waiting = True
+            elif not waiting and not pending:
+                return echoes, None
