@@ -140,6 +140,38 @@ def _at_line_start(text: str, start: int) -> bool:
     return True
 
 
+_NOT_ANCHORS = frozenset(" \t\u3000，,、：:.-/[]【】［］〔〕〖〗()（）★☆0123456789")
+_ASCII_RARITY = {ch: i for i, ch in enumerate("etaoinsrhldcumfpgwybvkxjqz")}
+_FULL_WIDTH = {ch: chr(ord(ch) - 0x20 + 0xFF21 - 0x21) for ch in "abcdefghijklmnopqrstuvwxyz"}
+
+
+def choose_anchors(keys: Iterable[str]) -> dict[str, int]:
+    """Where each key is entered into the automaton.
+
+    ``Automaton.iter`` pays at every character of the text for the number of distinct first
+    characters of its keys (the root's children are searched linearly). So keys are entered
+    from an *anchor* onwards, chosen greedily so that few anchor characters cover every key
+    (密 covers most Chinese markings), at its last occurrence so the entered part is short;
+    the part before the anchor is verified only when the rest has matched. Ties go to the
+    rarer character.
+    """
+    remaining = set(keys)
+    anchors: dict[str, int] = {}
+    while remaining:
+        coverage: dict[str, int] = {}
+        for key in remaining:
+            for ch in set(key) - _NOT_ANCHORS:
+                coverage[ch] = coverage.get(ch, 0) + 1
+        if not coverage:  # keys made only of punctuation: enter them whole
+            anchors.update(dict.fromkeys(remaining, 0))
+            break
+        best = max(coverage, key=lambda c: (coverage[c], _ASCII_RARITY.get(c, 13)))
+        for key in [k for k in remaining if best in k]:
+            anchors[key] = key.rindex(best)  # the last one: a short entered part
+            remaining.discard(key)
+    return anchors
+
+
 @dataclass
 class MarkerSet:
     """The compiled markers and suppress phrases of a policy: one automaton."""
@@ -150,36 +182,62 @@ class MarkerSet:
     _automaton: ahocorasick.Automaton = field(default_factory=ahocorasick.Automaton, repr=False)
 
     def __post_init__(self) -> None:
+        # (kind, index, spelling) for every spelling of every marker and suppress phrase
+        spelled: list[tuple[int, int, str]] = [
+            (_MARKER, i, sp)
+            for i, m in enumerate(self.markers)
+            for p in m.patterns
+            for sp in spellings(p)
+        ] + [
+            (_SUPPRESS, i, sp) for i, phrase in enumerate(self.suppress) for sp in spellings(phrase)
+        ]
+        anchors = choose_anchors(sp for _, _, sp in spelled)
+        entries: dict[str, list[tuple[int, int, str, int]]] = {}
+        for kind, idx, spelling in spelled:
+            at = anchors[spelling]
+            suffix = spelling[at:]
+            entries.setdefault(suffix, []).append((kind, idx, spelling[:at], len(suffix)))
+            self.max_pattern = max(self.max_pattern, len(spelling))
+        # Sentinels: a hiding character right after part of an entered key means the text may
+        # hide a marker there; and a full-width form of an anchor letter may spell one.
+        sentinels = {key[:j] + h for key in entries for j in range(1, len(key)) for h in _INVISIBLE}
+        sentinels |= {
+            f
+            for ch in {k[0] for k in entries}
+            if ch in _FULL_WIDTH
+            for f in (_FULL_WIDTH[ch], _FULL_WIDTH[ch].upper())
+        }
+        for key in sentinels - entries.keys():
+            entries[key] = [(_HIDER, 0, "", 1)]
         a = self._automaton
-        entries: dict[str, list[tuple[int, int, int]]] = {}
-        for i, marker in enumerate(self.markers):
-            for pattern in marker.patterns:
-                for spelling in spellings(pattern):
-                    entries.setdefault(spelling, []).append((_MARKER, i, len(spelling)))
-        for i, phrase in enumerate(self.suppress):
-            for spelling in spellings(phrase):
-                entries.setdefault(spelling, []).append((_SUPPRESS, i, len(spelling)))
-        for ch in _HIDERS:
-            entries.setdefault(ch, []).append((_HIDER, 0, 1))
         for key, values in entries.items():
             a.add_word(key, tuple(values))
-            self.max_pattern = max(self.max_pattern, len(key))
         a.make_automaton()
 
     def _pass(self, text: str, skip_before: int) -> tuple[set[int], bool]:
-        """One pass over lowercased text: marker indexes found, and whether a hider was seen.
-        Matches ending before ``skip_before`` were reported by an earlier window."""
+        """One pass over lowercased text: marker indexes found, and whether something that can
+        hide a marker was seen. Matches ending before ``skip_before`` were reported by an
+        earlier window."""
         found: list[tuple[int, int, int]] = []  # (start, end, marker index)
         spans: list[tuple[int, int]] = []  # suppress phrases
         hidden = False
         for end, values in self._automaton.iter(text):
-            for kind, idx, length in values:
+            for kind, idx, prefix, length in values:
                 if kind == _HIDER:
                     hidden = True
-                elif kind == _SUPPRESS:
-                    spans.append((end - length + 1, end))
+                    continue
+                start = end - length + 1
+                if prefix:
+                    start -= len(prefix)
+                    if start < 0 or text[start : start + len(prefix)] != prefix:
+                        # The part before the anchor differs: is something hiding in it?
+                        window = text[max(0, start - len(prefix) - 8) : end - length + 1]
+                        hidden = hidden or not _INVISIBLE.isdisjoint(window)
+                        continue
+                if kind == _SUPPRESS:
+                    spans.append((start, end))
                 elif end >= skip_before:
-                    found.append((end - length + 1, end, idx))
+                    found.append((start, end, idx))
         result: set[int] = set()
         for start, end, idx in found:
             context = self.markers[idx].context

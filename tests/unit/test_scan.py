@@ -52,6 +52,30 @@ def test_one_marker_many_spellings(text):
     assert "cn.classified.star" in ids(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "核\u200b心\u200b商\u200b密\u200b★",
+        "\u2060".join("核心商密★"),
+        "核心\u00ad\u00ad商密★",
+    ],
+)
+def test_invisible_characters_between_every_letter(text):
+    assert "cn.trade.grade.star" in ids(text)
+
+
+def test_anchors_keep_the_automaton_root_small():
+    # Every Chinese marking is entered from 密 (or another shared character): the root of the
+    # automaton has few children, so a pass costs about as much as a bare pass.
+    from egress_guard.scan import choose_anchors, spellings
+
+    keys = [sp for m in SHIPPED.markers for p in m.patterns for sp in spellings(p)]
+    anchors = choose_anchors(keys)
+    roots = {key[at] for key, at in anchors.items()}
+    assert len(roots) <= 12, roots
+    assert "密" in roots
+
+
 @pytest.mark.parametrize("text", ["【机密】", "[机密]", "［机密］", "〔机密〕", "【機密】"])
 def test_bracket_forms(text):
     assert "cn.classified.bracket" in ids(text)
