@@ -23,11 +23,15 @@ LEGAL_ARTICLE = (
 )
 
 
-def docx(body: str, header: str = "", footer: str = "", comment: str = "") -> bytes:
-    """A minimal .docx. Runs are split character by character so a marker spans XML tags,
-    as Word does when a text was edited."""
+def docx(
+    body: str, header: str = "", footer: str = "", comment: str = "", split_runs: bool = True
+) -> bytes:
+    """A minimal .docx. Runs are split character by character (unless ``split_runs`` is off)
+    so a marker spans XML tags, as Word does when a text was edited."""
 
     def runs(text: str) -> str:
+        if not split_runs:
+            return "".join(f"<w:r><w:t>{line}</w:t></w:r></w:p><w:p>" for line in text.split("\n"))
         return "".join(f"<w:r><w:t>{ch}</w:t></w:r>" for ch in text)
 
     ns = 'xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"'

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import io
 import json
 import mimetypes
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.parser import BytesParser
 from html import unescape
-from urllib.parse import parse_qsl
 
 import brotli
 import zstandard
@@ -163,22 +163,39 @@ def texts_of(data: bytes, charset: str = "") -> list[str]:
     return [data.decode(c, "replace") for c in candidates]
 
 
+_ESCAPED_RUN = re.compile(rb"(?:%[0-9A-Fa-f]{2})+")
+
+
+def unquote_plus(data: bytes) -> bytes:
+    """Percent-decoding at C speed (urllib.parse makes a Python call per byte, 5 ms for a
+    100 KB Chinese form): %XX become \\xXX for the codec's escape decoder; a body with a
+    stray % falls back to one regex match per run of escapes."""
+    plus = data.replace(b"+", b" ")
+    try:
+        return codecs.escape_decode(plus.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+    except ValueError:
+        return _ESCAPED_RUN.sub(lambda m: bytes.fromhex(m.group().replace(b"%", b"").decode()),
+                                plus)
+
+
 def form_fields(data: bytes, charset: str = "") -> list[list[tuple[str, str]]]:
     """A url-encoded form's fields; the percent-escapes are bytes in the form's charset:
     declared, else UTF-8, else both GB18030 and Big5."""
-    raw = data.decode("latin-1")
+    pairs = [field.partition(b"=") for field in data.split(b"&") if field]
+    raw = [(unquote_plus(k), unquote_plus(v)) for k, _, v in pairs]
+
+    def decoded(encoding: str, errors: str) -> list[tuple[str, str]]:
+        return [(k.decode(encoding, errors), v.decode(encoding, errors)) for k, v in raw]
+
     if charset:
         try:
-            return [parse_qsl(raw, keep_blank_values=True, encoding=charset, errors="replace")]
+            return [decoded(charset, "replace")]
         except LookupError:
             pass
     try:
-        return [parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")]
+        return [decoded("utf-8", "strict")]
     except UnicodeDecodeError:
-        return [
-            parse_qsl(raw, keep_blank_values=True, encoding=enc, errors="replace")
-            for enc in ("gb18030", "big5")
-        ]
+        return [decoded(enc, "replace") for enc in ("gb18030", "big5")]
 
 
 _BLOCK_END = re.compile(

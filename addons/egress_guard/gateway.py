@@ -174,7 +174,10 @@ class Gateway:
             # spawn, not fork: the workers need the scanner, not the store engine or the loop.
             workers = max(1, (os.cpu_count() or 2) - 1)
             self._scan_pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=os.nice,  # the proxy's own loop comes first
+                initargs=(10,),
             )
         return self._scan_pool
 
@@ -749,8 +752,11 @@ class ScanGate:
     def feed(self, data: bytes) -> http.Response | None:
         if self.buffer is not None:
             self.buffer += data
-            if len(self.buffer) > self.policy.limits.max_body:
-                self.buffer = None  # too big to decode whole: raw text only, then unscannable
+            if len(self.buffer) <= self.policy.limits.max_body:
+                return None  # decoded and scanned whole at the end, off the event loop
+            # Too big to decode whole: from here on only its raw text is scanned, as it
+            # passes, and the verdict at the end is `unscannable`.
+            data, self.buffer = bytes(self.buffer), None
         new = self.stream.feed(self.decoder.decode(data))
         return self.on_found(self.stream.found) if new else None
 
@@ -866,7 +872,7 @@ class Markers:
             headers = flow.request.headers
             result = await self.gw.scan(
                 policy,
-                bytes(gate.buffer),
+                gate.buffer,
                 headers.get("content-type", ""),
                 headers.get("content-encoding", ""),
             )

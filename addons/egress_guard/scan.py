@@ -250,6 +250,10 @@ class MarkerSet:
             result.add(idx)
         return result, hidden
 
+    def find_utf8(self, raw: bytes) -> set[int]:
+        """Markers in UTF-8 bytes: lowercased as bytes, decoded once, one pass."""
+        return self.find(raw.lower().decode("utf-8", "replace"), lowered=True)
+
     def find(self, text: str, *, lowered: bool = False, skip_before: int = 0) -> set[int]:
         """Marker indexes in ``text``. ``lowered``: the caller already ASCII-lowercased it."""
         if not lowered:
