@@ -140,6 +140,10 @@ def _param(content_type: str, name: str) -> str:
     return m.group(1).strip() if m else ""
 
 
+_MEDIA_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"ID3", b"OggS", b"fLaC")
+_CONTROL_BYTES = bytes([*range(0x09), *range(0x0E, 0x20)])
+
+
 def texts_of(data: bytes, charset: str = "") -> list[str]:
     """The text(s) bytes may be: the declared charset, else BOM, else UTF-8, else every one of
     GB18030, Big5 and (even length) UTF-16 LE/BE: scanning each costs less than guessing wrong,
@@ -157,10 +161,29 @@ def texts_of(data: bytes, charset: str = "") -> list[str]:
         return [data.decode("utf-8")]
     except UnicodeDecodeError:
         pass
-    candidates = ["gb18030", "big5"]
-    if len(data) % 2 == 0:  # Chinese UTF-16 without a BOM has no telltale zero bytes
-        candidates += ["utf-16-le", "utf-16-be"]
+    sample = data[:8192]
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
+    candidates = [] if controls > len(sample) // 20 else ["gb18030", "big5"]  # binary: no
+    if len(data) % 2 == 0:  # Chinese UTF-16 without a BOM looks binary too: check its letters
+        candidates += [
+            c
+            for c in ("utf-16-le", "utf-16-be")
+            if _plausible_text(sample[: len(sample) & ~1].decode(c, "replace"))
+        ]
     return [data.decode(c, "replace") for c in candidates]
+
+
+def _plausible_text(text: str) -> bool:
+    """Mostly printable ASCII, CJK and full-width forms: real text, not a binary decoded."""
+    ok = sum(
+        1
+        for ch in text
+        if " " <= ch <= "~"
+        or ch in "\t\r\n"
+        or "\u3000" <= ch <= "\u9fff"
+        or "\uff00" <= ch <= "\uffef"
+    )
+    return ok >= 0.8 * len(text)
 
 
 _ESCAPED_RUN = re.compile(rb"(?:%[0-9A-Fa-f]{2})+")
@@ -174,8 +197,9 @@ def unquote_plus(data: bytes) -> bytes:
     try:
         return codecs.escape_decode(plus.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
     except ValueError:
-        return _ESCAPED_RUN.sub(lambda m: bytes.fromhex(m.group().replace(b"%", b"").decode()),
-                                plus)
+        return _ESCAPED_RUN.sub(
+            lambda m: bytes.fromhex(m.group().replace(b"%", b"").decode()), plus
+        )
 
 
 def form_fields(data: bytes, charset: str = "") -> list[list[tuple[str, str]]]:
@@ -251,6 +275,11 @@ class Walker:
             yield from self.archive(data, depth)
         elif head.startswith(b"%PDF-"):
             yield from self.pdf(data)
+        elif head.startswith((b"Rar!\x1a\x07", b"7z\xbc\xaf\x27\x1c")):
+            # Archives we cannot open: what they carry cannot be checked.
+            raise Unscannable("RAR/7z archive (contents cannot be inspected)")
+        elif head.startswith(_MEDIA_MAGIC) or mime.startswith(("image/", "video/", "audio/")):
+            return  # pictures and media carry no text to scan
         elif head.startswith(b"\x1f\x8b"):
             yield from self.blob(undo_content_encoding(data, "gzip", self.budget), "", depth + 1)
         elif mime == "application/x-www-form-urlencoded":

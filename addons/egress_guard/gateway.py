@@ -580,6 +580,8 @@ class Blocklist:
         mitmproxy's own next-layer addon may run before this one (``egress-guard run``) or
         after it (``mitmdump -s``): either nothing is chosen yet, or it has just chosen TLS
         interception for the inside of a CONNECT tunnel."""
+        if not self.gw.policy.passthrough.rule_count:
+            return
         context = nextlayer.context
         stack = context.layers
         proposed = nextlayer.layer

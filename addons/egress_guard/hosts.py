@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import socket
+from functools import lru_cache
 from urllib.parse import unquote
 
 import idna
@@ -16,8 +17,11 @@ import idna
 _LEGACY_IPV4_CHARS = frozenset("0123456789abcdefx.")
 
 
+@lru_cache(maxsize=8192)
 def _ip_literal(host: str) -> str | None:
     """Canonical text of an IP literal, or None. Accepts the legacy IPv4 forms resolvers accept."""
+    if not host or (":" not in host and not host[-1].isdigit() and "0x" not in host):
+        return None  # a name: IPv4 forms end in a digit (or are hex), IPv6 has colons
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -54,6 +58,7 @@ def split_host_port(authority: str) -> tuple[str, int | None]:
     return authority, None
 
 
+@lru_cache(maxsize=8192)  # the same few thousand hosts come back all day
 def normalize_host(raw: str) -> str:
     """Lowercase ASCII host (punycode for IDN), no port, no brackets, no trailing dot.
 

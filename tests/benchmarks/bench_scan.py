@@ -39,7 +39,7 @@ import ahocorasick  # noqa: E402
 from documents import docx, pdf  # noqa: E402
 from egress_guard.policy import load_policy  # noqa: E402
 from egress_guard.scan import Marker, MarkerSet, scan_body  # noqa: E402
-from harness import GatewayProcess, Upstream, free_port  # noqa: E402
+from harness import GatewayProcess, Upstream, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
 
 COMMON = (
@@ -220,35 +220,6 @@ def gets_during_uploads(
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_mitmdump(confdir: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or "mitmdump"
-    proc = subprocess.Popen(
-        [
-            mitmdump,
-            "-q",
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={confdir}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("mitmdump did not start")
 
 
 def bench_proxy(rounds: int, n: int, uploads: int) -> dict:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
 
 from egress_guard.units import format_size, parse_size  # noqa: E402
-from harness import GatewayProcess, free_port  # noqa: E402
+from harness import GatewayProcess, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
 
-CHUNK = b"\x5a" * (1024 * 1024)
+CHUNK = os.urandom(1024 * 1024)  # incompressible, like the files people upload
 
 
 class SinkServer:
@@ -112,35 +111,6 @@ def upload(proxy_port: int, sink_port: int, size: int, timeout: float, pid: int)
         "rss_start_kib": start_rss,
         "rss_peak_kib": max(peak[0], rss_kib(pid)),
     }
-
-
-def start_mitmdump(confdir: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or "mitmdump"
-    proc = subprocess.Popen(
-        [
-            mitmdump,
-            "-q",
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={confdir}",
-            "--set",
-            "stream_large_bodies=1m",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("mitmdump did not start")
 
 
 def main() -> None:

@@ -109,6 +109,7 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # or every response waits on a delayed ACK
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -298,6 +299,36 @@ class GatewayProcess:
             if predicate(rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.2)
+
+
+def start_mitmdump(confdir: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """Bare mitmdump, no addons: the baseline every benchmark ratio is measured against."""
+    port = free_port()
+    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or "mitmdump"
+    proc = subprocess.Popen(
+        [
+            mitmdump,
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={confdir}",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("mitmdump did not start")
 
 
 def egress_guard_bin() -> str:

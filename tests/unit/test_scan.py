@@ -303,3 +303,20 @@ def test_broken_inputs_are_unscannable_not_crashes():
     ]:
         result = scan_body(SHIPPED, data, ctype, enc, POLICY.limits)
         assert result.unscannable, (data, result)
+
+
+def test_binary_is_not_read_as_text_and_media_is_skipped():
+    import os
+
+    noise = os.urandom(64 * 1024)
+    assert texts_of(noise) == []  # neither GB18030/Big5 nor plausible UTF-16
+    assert list(extract_texts(b"\x89PNG\r\n\x1a\n" + noise, "image/png")) == []
+    assert "cn.classified.star" in body_ids("机密★ 文".encode("utf-16-le"), "")  # still text
+
+
+@pytest.mark.parametrize("magic", [b"Rar!\x1a\x07\x01\x00", b"7z\xbc\xaf\x27\x1c\x00\x04"])
+def test_archives_that_cannot_be_opened_are_unscannable(magic):
+    result = scan_body(
+        SHIPPED, magic + b"\x00" * 100, "application/octet-stream", "", POLICY.limits
+    )
+    assert "cannot be inspected" in result.unscannable

@@ -1,0 +1,46 @@
+"""The benchmark suite starts, measures both proxies and writes its report (smoke mode)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_suite_runs_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "benchmarks" / "run.py"),
+            "--smoke",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["mode"] == "smoke" and data["machine"]["cores"] >= 1
+    for case in ("http_get_keepalive", "https_get_keepalive", "form_post_100k", "blocked_request"):
+        pair = data["proxies"][case]["rounds"][0]
+        assert pair["gateway"]["requests_per_s"] > 0 and pair["mitmdump"]["requests_per_s"] > 0
+    assert data["proxies"]["blocked_connect"]["requests_per_s"] > 0
+    assert set(data["lookup"]) == {"10", "1000"}
+    assert data["scanning"]["matching"]["ratio"] > 0
+    assert data["log_pipeline"]["written"] == data["log_pipeline"]["rows"]
+    report = (out / "report.md").read_text()
+    for heading in (
+        "## Through the proxy",
+        "## Blocklist lookup",
+        "## Marker scanning",
+        "## Log pipeline",
+    ):
+        assert heading in report
