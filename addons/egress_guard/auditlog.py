@@ -1,23 +1,29 @@
-"""Audit log: one row per request / CONNECT / tunnel, queued off the hot path and written to the
-store in batches by a background thread.
+"""Audit log: one row per request / CONNECT / tunnel, queued off the hot path, made durable in
+the on-disk spool and written to the store in batches by a background thread.
 
-The proxy only ever calls ``AuditLog.submit`` (a non-blocking put). The writer drains the queue
-into batches (up to ``batch_rows`` or every ``flush_interval`` seconds) and inserts them; a
-failed insert is retried with backoff while new rows keep queueing. ``close`` flushes.
+Rows lost in a crash (kill -9): only those still in the in-memory queue, i.e. of the last
+``flush_interval`` (0.5 s); with ``sync`` none of a request that was answered (its response
+waits for its row to be on disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+import msgpack
+
+from . import faults
+from .spool import Spool, SpoolFull
 from .store import COLUMN_NAMES
 
 log = logging.getLogger(__name__)
@@ -78,31 +84,62 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def pack_rows(rows: Sequence[RequestRow]) -> bytes:
+    return msgpack.packb([[r.ts.timestamp(), *r.values()[1:]] for r in rows], use_bin_type=True)
+
+
+def unpack_rows(payload: bytes) -> list[tuple[Any, ...]]:
+    return [(datetime.fromtimestamp(v[0], UTC), *v[1:]) for v in msgpack.unpackb(payload)]
+
+
 class AuditLog:
-    """Bounded queue + writer thread. ``insert`` is the store's ``insert_requests``."""
+    """Bounded queue → durable spool → store.
+
+    The proxy calls ``submit`` (never blocks). The writer thread takes batches (up to
+    ``batch_rows`` or every ``flush_interval``), appends each to the spool with one fsync, and
+    then inserts the spooled batches into the store in order, each with its deduplication
+    token; a batch leaves the spool only once the store has it. With ``sync=True`` ``submit``
+    returns a future that completes when the row is on disk, for callers that must not answer
+    before their row is durable.
+    """
 
     def __init__(
         self,
-        insert: Callable[[Sequence[Sequence[Any]]], None],
+        insert: Callable[[Sequence[Sequence[Any]], str], None],
+        spool: Spool,
         *,
         max_queue: int = 200_000,
         batch_rows: int = 10_000,
         flush_interval: float = 0.5,
+        sync: bool = False,
         on_written: Callable[[int], None] = lambda n: None,
         on_dropped: Callable[[int], None] = lambda n: None,
         on_error: Callable[[Exception], None] = lambda e: None,
     ):
         self._insert = insert
-        self._queue: queue.Queue[RequestRow | None] = queue.Queue(maxsize=max_queue)
+        self.spool = spool
+        self.sync = sync
+        self._queue: queue.Queue[tuple[RequestRow, Future[None] | None] | None] = queue.Queue(
+            maxsize=max_queue
+        )
         self._batch_rows = batch_rows
-        self._flush_interval = flush_interval
+        self._flush_interval = 0.002 if sync else flush_interval
         self._on_written = on_written
         self._on_dropped = on_dropped
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="egress-guard-auditlog", daemon=True)
         self._closing = threading.Event()
+        self._retry_at = 0.0
+        self._backoff = 0.2
         self.written = 0
         self.dropped = 0
+        self.spool_ok = True  # False while the spool cannot take rows (full, disk error)
+        self.store_ok = True
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a new row would be kept: the spool takes rows and the queue has room."""
+        return self.spool_ok and self._queue.qsize() < self._queue.maxsize
 
     def start(self) -> None:
         self._thread.start()
@@ -110,24 +147,32 @@ class AuditLog:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, row: RequestRow) -> None:
-        """Never blocks. A full queue means the store has been down for long: count the loss."""
+    def submit(self, row: RequestRow) -> Future[None] | None:
+        """Never blocks. Returns, in sync mode, a future done when the row is on disk."""
+        done: Future[None] | None = Future() if self.sync else None
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait((row, done))
         except queue.Full:
-            self.dropped += 1
-            self._on_dropped(1)
+            self._drop(1)
+            if done is not None:
+                done.set_exception(SpoolFull("audit queue full"))
+        return done
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self._on_dropped(n)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush everything queued so far, then stop the writer."""
+        """Spool everything queued so far, try to hand it to the store, stop the writer."""
         self._closing.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.spool.close()
 
-    def _take_batch(self) -> tuple[list[RequestRow], bool]:
-        batch: list[RequestRow] = []
+    def _take_batch(self) -> tuple[list[tuple[RequestRow, Future[None] | None]], bool]:
+        batch: list[tuple[RequestRow, Future[None] | None]] = []
         deadline = time.monotonic() + self._flush_interval
         while len(batch) < self._batch_rows:
             remaining = deadline - time.monotonic()
@@ -142,30 +187,63 @@ class AuditLog:
             batch.append(item)
         return batch, False
 
-    def _write(self, batch: list[RequestRow]) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                self._insert([row.values() for row in batch])
-            except Exception as e:  # the store is down or refused the batch: keep it, retry
-                self._on_error(e)
-                log.error("audit log insert of %d rows failed: %s", len(batch), e)
-                if self._closing.is_set() and backoff > 5:
-                    log.error("giving up on %d audit rows at shutdown", len(batch))
-                    self.dropped += len(batch)
-                    self._on_dropped(len(batch))
-                    return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10)
-                continue
-            self.written += len(batch)
-            self._on_written(len(batch))
+    def _spool(self, batch: list[tuple[RequestRow, Future[None] | None]]) -> None:
+        try:
+            self.spool.append(pack_rows([row for row, _ in batch]))
+        except (SpoolFull, OSError) as e:
+            if self.spool_ok:
+                log.error("audit spool cannot take rows: %s", e)
+            self.spool_ok = False
+            self._drop(len(batch))
+            for _, done in batch:
+                if done is not None:
+                    done.set_exception(e)
             return
+        self.spool_ok = True
+        for _, done in batch:
+            if done is not None:
+                done.set_result(None)
+
+    def _drain(self, budget: float) -> None:
+        """Insert spooled batches into the store, oldest first, for at most ``budget`` s."""
+        if time.monotonic() < self._retry_at:
+            return
+        deadline = time.monotonic() + budget
+        for frame in self.spool.pending():
+            try:
+                rows = unpack_rows(frame.payload)
+                self._insert(rows, frame.token)
+            except Exception as e:  # the store is down or refused: keep the batch, retry
+                self.store_ok = False
+                self._on_error(e)
+                log.error("audit log insert failed, batch kept in the spool: %s", e)
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, 10.0)
+                return
+            if faults.active("crash-after-insert"):
+                os._exit(137)  # the test of a crash between insert and checkpoint
+            self.spool.commit(frame)
+            self.store_ok = True
+            self._backoff = 0.2
+            self.written += len(rows)
+            self._on_written(len(rows))
+            if not self.spool_ok:
+                self.spool_ok = True  # the spool has room again
+            if time.monotonic() > deadline:
+                return
 
     def _run(self) -> None:
+        self._drain(budget=60.0)  # what a previous run left in the spool goes first
         while True:
             batch, stop = self._take_batch()
             if batch:
-                self._write(batch)
+                self._spool(batch)
+            self._drain(budget=1.0)
             if stop:
+                deadline = time.monotonic() + 10
+                while any(True for _ in self.spool.pending()) and time.monotonic() < deadline:
+                    self._retry_at = 0.0
+                    self._drain(budget=5.0)
+                    if not self.store_ok:
+                        time.sleep(0.2)
                 return

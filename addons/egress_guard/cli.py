@@ -25,6 +25,7 @@ import click
 from . import __version__
 from .policy import PolicyError, default_policy_dir, dump_yaml, load_policy
 from .store import StoreError
+from .units import parse_size
 
 DATA_DIR_OPTION = click.option(
     "--data-dir",
@@ -93,6 +94,29 @@ def main() -> None:
     help="Node name in every log row [default: hostname].",
 )
 @click.option(
+    "--spool-max",
+    default="2GiB",
+    envvar="EGRESS_GUARD_SPOOL_MAX",
+    show_default=True,
+    help="Disk for log rows the store has not taken yet (DATA_DIR/spool).",
+)
+@click.option(
+    "--audit-fail",
+    type=click.Choice(["closed", "open"]),
+    default="closed",
+    envvar="EGRESS_GUARD_AUDIT_FAIL",
+    show_default=True,
+    help="When rows cannot be kept: refuse requests (closed) or forward them (open).",
+)
+@click.option(
+    "--audit-sync",
+    type=click.Choice(["batch", "request"]),
+    default="batch",
+    envvar="EGRESS_GUARD_AUDIT_SYNC",
+    show_default=True,
+    help="batch: rows reach disk every 0.5 s; request: a response waits for its row.",
+)
+@click.option(
     "--set",
     "mitm_sets",
     multiple=True,
@@ -108,6 +132,9 @@ def run(
     policies: Path | None,
     clickhouse: str,
     node: str,
+    spool_max: str,
+    audit_fail: str,
+    audit_sync: str,
     mitm_sets: tuple[str, ...],
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM; the request log is flushed on the way out."""
@@ -118,6 +145,7 @@ def run(
         for value, what in ((admin, "--admin"), (metrics, "--metrics")):
             if value:
                 parse_listen(value, what)
+        spool_bytes = parse_size(spool_max)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     data_dir = _data_dir(data_dir)
@@ -128,6 +156,9 @@ def run(
         admin=admin,
         metrics=metrics,
         node=node,
+        spool_max=spool_bytes,
+        audit_fail=audit_fail,
+        audit_sync=audit_sync == "request",
     )
     gateway = Gateway()
     try:

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +36,9 @@ from .hosts import normalize_host, split_host_port
 from .identity import Who, identify
 from .policy import Policy, PolicyError, PolicyWatcher, default_policy_dir, load_policy
 from .scan import MarkerPolicy, ScanResult, StreamScanner, Verdict, scan_body, scan_in_worker
+from .spool import Spool
 from .store import Store, default_dsn, describe_dsn
+from .units import parse_size
 from .upload import CapHit, Limits, UploadGate, UploadWindows, check, describe, limits_for
 
 log = logging.getLogger("egress_guard")
@@ -54,6 +56,9 @@ class GatewayConfig:
     metrics: str  # HOST:PORT, "" = off
     node: str
     policy_poll: float = 2.0
+    spool_max: int = 2 << 30  # bytes of unsent rows kept on disk
+    audit_fail: str = "closed"  # closed: refuse requests when rows cannot be kept; open: forward
+    audit_sync: bool = False  # True: a response waits until its row is on disk
 
     @property
     def dsn(self) -> str:
@@ -123,8 +128,16 @@ class Gateway:
         self.store = Store(config.dsn)
         self.store.migrate()
         self.store.ensure_retention(policy.retention_months)
+        spool = Spool(
+            config.data_dir / "spool",
+            max_bytes=config.spool_max,
+            on_corrupt=metrics.AUDIT_SPOOL_CORRUPT.inc,
+        )
+        metrics.AUDIT_SPOOL_BYTES.set_function(spool.size)
         self.audit = AuditLog(
             self.store.insert_requests,
+            spool,
+            sync=config.audit_sync,
             on_written=metrics.AUDIT_ROWS_WRITTEN.inc,
             on_dropped=metrics.AUDIT_ROWS_DROPPED.inc,
             on_error=lambda e: metrics.AUDIT_INSERT_ERRORS.inc(),
@@ -313,11 +326,20 @@ class Gateway:
 
     # --- rows ---
 
-    def record(self, row: RequestRow) -> None:
+    def record(self, row: RequestRow) -> Future[None] | None:
+        """Queue a row; in sync mode, a future done when it is on disk."""
         row.node = self.node
         metrics.REQUESTS.labels(row.kind, row.decision, row.reason_kind, row.category).inc()
-        if self.audit is not None:
-            self.audit.submit(row)
+        return self.audit.submit(row) if self.audit is not None else None
+
+    def refuses_for_audit(self) -> bool:
+        """Fail closed: the request log cannot keep rows, so no request may pass unlogged."""
+        return (
+            self.audit is not None
+            and not self.audit.accepting
+            and self.config is not None
+            and self.config.audit_fail == "closed"
+        )
 
 
 # --- flow helpers ----------------------------------------------------------------------------
@@ -419,6 +441,21 @@ def cap_response(flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float)
     )
 
 
+def audit_unavailable_response(flow: http.HTTPFlow, state: FlowState, now: float) -> http.Response:
+    return refusal_response(
+        flow,
+        state,
+        now,
+        503,
+        ("Audit log unavailable", "审计日志不可用"),
+        (
+            "The gateway cannot record requests right now, and company rules do not allow "
+            "unrecorded access to the Internet. Please try again later or tell IT.",
+            "网关当前无法记录访问日志，按公司规定不得在无记录的情况下访问外部网络。请稍后再试或联系信息部门。",
+        ),
+    )
+
+
 def marker_response(
     flow: http.HTTPFlow, state: FlowState, verdict: Verdict, now: float
 ) -> http.Response:
@@ -482,6 +519,19 @@ class Setup:
         loader.add_option(
             "egress_node", str, socket.gethostname(), "Node name written into every log row."
         )
+        loader.add_option("egress_spool_max", str, "2GiB", "Disk for rows not yet stored.")
+        loader.add_option(
+            "egress_audit_fail",
+            str,
+            "closed",
+            "closed: refuse requests when rows cannot be kept; open: forward.",
+        )
+        loader.add_option(
+            "egress_audit_sync",
+            str,
+            "batch",
+            "batch: rows reach disk every 0.5 s; request: responses wait for it.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         # A blocked host must never be contacted: no upstream connection before the first
@@ -499,6 +549,9 @@ class Setup:
                 admin=opts.egress_admin,
                 metrics=opts.egress_metrics,
                 node=opts.egress_node,
+                spool_max=parse_size(opts.egress_spool_max),
+                audit_fail=opts.egress_audit_fail,
+                audit_sync=opts.egress_audit_sync == "request",
             )
             try:
                 for line in self.gw.start(config):
@@ -956,21 +1009,40 @@ class Audit:
             else 0,
         )
 
-    def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> None:
+    def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> Future[None] | None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.logged:
-            return
+            return None
         if state is not None:
             state.logged = True
-        self.gw.record(self._http_row(flow, state, kind))
+        return self.gw.record(self._http_row(flow, state, kind))
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: when the log cannot keep rows, nothing passes unlogged."""
+        if self.gw.refuses_for_audit() and flow.response is None:
+            metrics.AUDIT_REFUSED.inc()
+            state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
+            state.decision = replace(state.decision, verdict="block", reason_kind="error")
+            bodygate.refuse_at_headers(
+                flow, audit_unavailable_response(flow, state, self.gw.clock())
+            )
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         row = self._http_row(flow, flow.metadata.get(STATE), "connect")
         row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
         self.gw.record(row)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        durable = self._finish(flow)
+        if durable is None:
+            return
+        try:  # sync mode: the client is answered only once its row is on disk
+            await asyncio.wrap_future(durable)
+        except Exception:
+            if self.gw.config is not None and self.gw.config.audit_fail == "closed":
+                metrics.AUDIT_REFUSED.inc()
+                state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
+                flow.response = audit_unavailable_response(flow, state, self.gw.clock())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)

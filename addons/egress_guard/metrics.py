@@ -26,6 +26,14 @@ AUDIT_ROWS_DROPPED = Counter(
 )
 AUDIT_INSERT_ERRORS = Counter("egress_guard_audit_insert_errors", "Failed batch inserts")
 AUDIT_QUEUE_DEPTH = Gauge("egress_guard_audit_queue_depth", "Rows waiting for the writer")
+AUDIT_SPOOL_BYTES = Gauge("egress_guard_audit_spool_bytes", "Bytes of rows spooled on disk")
+AUDIT_SPOOL_CORRUPT = Counter(
+    "egress_guard_audit_spool_corrupt_frames", "Spool frames skipped for a bad checksum"
+)
+AUDIT_REFUSED = Counter(
+    "egress_guard_audit_refused_requests",
+    "Requests refused with 503 because the request log could not take their row (fail closed)",
+)
 POLICY_RELOADS = Counter("egress_guard_policy_reloads", "Policy reload attempts", ["result"])
 POLICY_RULES = Gauge("egress_guard_policy_rules", "Rules loaded per category", ["category"])
 POLICY_VALID = Gauge("egress_guard_policy_last_reload_ok", "1 when the last reload succeeded")

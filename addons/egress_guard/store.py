@@ -18,6 +18,7 @@ from typing import Any
 
 import clickhouse_connect
 
+from . import faults
 from .policy import RETENTION_MIN_MONTHS
 
 REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -84,6 +85,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "ALTER TABLE requests ADD COLUMN IF NOT EXISTS declared_bytes UInt64",
             "ALTER TABLE requests ADD COLUMN IF NOT EXISTS window_bytes UInt64",
         ),
+    ),
+    (
+        3,
+        "insert deduplication window (spool replays never duplicate rows)",
+        ("ALTER TABLE requests MODIFY SETTING non_replicated_deduplication_window = 10000",),
     ),
 )
 
@@ -198,9 +204,14 @@ class Store:
 
     # --- rows ---
 
-    def insert_requests(self, rows: Sequence[Sequence[Any]]) -> None:
+    def insert_requests(self, rows: Sequence[Sequence[Any]], token: str = "") -> None:
+        """Insert rows; a batch inserted again with the same token is dropped by ClickHouse
+        (the table keeps a deduplication window), so a replay never writes a row twice."""
+        if faults.active("store-down"):
+            raise StoreError("store unavailable (injected fault)")
+        settings = {"insert_deduplication_token": token} if token else None
         with self._lock:
-            self._client.insert("requests", rows, column_names=COLUMN_NAMES)
+            self._client.insert("requests", rows, column_names=COLUMN_NAMES, settings=settings)
 
     def window_usage(self, since: datetime, node: str, own: bool) -> list[tuple[str, int, int]]:
         """(user key, unix second, bytes) counted towards upload windows since ``since``, from

@@ -359,11 +359,12 @@ def bench_log_pipeline(rows: int, tmp: Path) -> dict:
     from datetime import UTC, datetime
 
     from egress_guard.auditlog import AuditLog, RequestRow
+    from egress_guard.spool import Spool
     from egress_guard.store import Store, default_dsn
 
     store = Store(default_dsn(tmp / "pipeline"))
     store.migrate()
-    log = AuditLog(store.insert_requests, max_queue=rows + 1)
+    log = AuditLog(store.insert_requests, Spool(tmp / "spool"), max_queue=rows + 1)
     now = datetime.now(UTC)
     batch = [
         RequestRow(

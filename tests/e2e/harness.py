@@ -183,6 +183,7 @@ class GatewayProcess:
     upstream_ca: Path | None = None
     extra_args: tuple[str, ...] = ()
     via: str = "flags"  # flags | env (EGRESS_GUARD_* variables) | mitmdump (-s addon script)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the process
     proxy_port: int = 0
     admin_port: int = 0
     metrics_port: int = 0
@@ -209,7 +210,7 @@ class GatewayProcess:
         }
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         sets = [f"ssl_verify_upstream_trusted_ca={self.upstream_ca}"] if self.upstream_ca else []
         if self.via == "mitmdump":
             addon = Path(__file__).resolve().parents[2] / "addons" / "egress_guard_addon.py"

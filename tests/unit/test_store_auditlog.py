@@ -1,10 +1,12 @@
 """The store (real embedded ClickHouse) and the audit writer that feeds it."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from egress_guard.auditlog import AuditLog, RequestRow
+from egress_guard.auditlog import AuditLog, RequestRow, pack_rows, unpack_rows
+from egress_guard.spool import Spool, SpoolFull
 from egress_guard.store import RequestFilter, Store, StoreError, default_dsn
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
@@ -33,7 +35,8 @@ def row(i, **kw):
 
 def test_migrations_are_versioned_and_idempotent(store):
     assert store.migrate() == []
-    assert store.query("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    versions = store.query("SELECT version FROM schema_migrations ORDER BY version")
+    assert versions == [(1,), (2,), (3,)]
     columns = [
         r[0]
         for r in store.query(
@@ -60,47 +63,112 @@ def test_requests_table_is_monthly_mergetree_with_at_least_six_months_ttl(store)
     assert store.retention_months() == 12
 
 
-def test_rows_written_in_batches_and_flushed_on_close(store):
+def count(store):
+    return store.query("SELECT count() FROM requests")[0][0]
+
+
+def test_rows_written_in_batches_and_flushed_on_close(store, tmp_path):
     batches = []
 
-    def insert(rows):
+    def insert(rows, token):
         batches.append(len(rows))
-        store.insert_requests(rows)
+        store.insert_requests(rows, token)
 
-    log = AuditLog(insert, batch_rows=40, flush_interval=60)
+    log = AuditLog(insert, Spool(tmp_path / "spool"), batch_rows=40, flush_interval=60)
     log.start()
     for i in range(100):
         log.submit(row(i, user="bob" if i % 2 else "alice"))
     log.close()
     assert sum(batches) == 100 and max(batches) <= 40
-    assert store.query("SELECT count() FROM requests") == [(100,)]
+    assert count(store) == 100
     assert log.written == 100 and log.dropped == 0
+    assert list(Spool(tmp_path / "spool").pending()) == []  # nothing left behind
 
 
-def test_failed_inserts_are_retried_not_lost(store):
-    failures = [RuntimeError("store down"), RuntimeError("still down")]
-
-    def flaky(rows):
-        if failures:
-            raise failures.pop(0)
-        store.insert_requests(rows)
-
+def test_rows_wait_in_the_spool_while_the_store_is_down(store, tmp_path):
+    down = [True]
     errors = []
-    log = AuditLog(flaky, flush_interval=0.05, on_error=errors.append)
+
+    def insert(rows, token):
+        if down[0]:
+            raise RuntimeError("store down")
+        store.insert_requests(rows, token)
+
+    log = AuditLog(insert, Spool(tmp_path / "spool"), flush_interval=0.01, on_error=errors.append)
     log.start()
-    for i in range(10):
+    for i in range(30):
         log.submit(row(i))
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert errors and count(store) == 0
+    assert sum(1 for _ in log.spool.pending()) >= 1  # on disk, not only in memory
+    down[0] = False
     log.close()
-    assert len(errors) == 2
-    assert store.query("SELECT count() FROM requests") == [(10,)]
+    assert count(store) == 30
 
 
-def test_full_queue_counts_dropped_rows_instead_of_blocking():
+def test_a_restart_replays_the_spool_and_never_duplicates(store, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    first = spool.append(pack_rows([row(i) for i in range(5)]))
+    spool.append(pack_rows([row(i) for i in range(5, 8)]))
+    # The previous process inserted the first batch, then died before its checkpoint.
+    store.insert_requests(unpack_rows(first.payload), first.token)
+    spool.close()
+    log = AuditLog(store.insert_requests, Spool(tmp_path / "spool"))
+    log.start()
+    log.close()
+    assert count(store) == 8
+    assert store.query("SELECT uniqExact(request_id) FROM requests") == [(8,)]
+
+
+def test_corrupt_frames_are_skipped_and_counted(tmp_path):
+    corrupt = []
+    spool = Spool(tmp_path / "spool", on_corrupt=corrupt.append)
+    frames = [spool.append(f"batch {i}".encode()) for i in range(3)]
+    spool.close()
+    (segment,) = spool.segments()
+    path = spool._path(segment)
+    data = bytearray(path.read_bytes())
+    data[frames[1].offset + 9] ^= 0xFF  # flip a payload byte of the middle frame
+    path.write_bytes(bytes(data) + b"\x00\x00\x01")  # and a torn write at the end
+    assert [f.payload for f in Spool(tmp_path / "spool", on_corrupt=corrupt.append).pending()] == [
+        b"batch 0",
+        b"batch 2",
+    ]
+    assert corrupt == [1]
+
+
+def test_checkpoint_and_segments(tmp_path):
+    spool = Spool(tmp_path / "spool", segment_bytes=64)
+    frames = [spool.append(bytes([i]) * 60) for i in range(5)]
+    assert len(spool.segments()) == 5  # one frame fills a 64-byte segment
+    spool.commit(frames[2])
+    assert [f.payload[0] for f in spool.pending()] == [3, 4]
+    assert spool.segments()[0] == frames[2].segment  # older segments deleted
+    with pytest.raises(SpoolFull):
+        Spool(tmp_path / "small", max_bytes=100).append(b"x" * 200)
+
+
+def test_sync_mode_resolves_once_the_row_is_on_disk(store, tmp_path):
+    log = AuditLog(store.insert_requests, Spool(tmp_path / "spool"), sync=True)
+    log.start()
+    done = log.submit(row(1))
+    done.result(timeout=10)
+    assert any(True for _ in Spool(tmp_path / "spool").pending()) or count(store) == 1
+    log.close()
+    assert count(store) == 1
+
+
+def test_full_queue_counts_dropped_rows_instead_of_blocking(tmp_path):
     dropped = []
-    log = AuditLog(lambda rows: None, max_queue=3, on_dropped=dropped.append)  # not started
+    log = AuditLog(
+        lambda rows, token: None, Spool(tmp_path / "s"), max_queue=3, on_dropped=dropped.append
+    )  # not started
     for i in range(5):
         log.submit(row(i))
     assert log.dropped == 2 and sum(dropped) == 2
+    assert not log.accepting
 
 
 def test_query_filters(store):
