@@ -51,6 +51,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
     SendHttp,
 )
+from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.proxy.utils import expect
 
 _EARLY = "egress_guard.refuse_early"
@@ -297,4 +298,30 @@ def install() -> None:
     HttpStream.state_stream_request_body = _state_stream_request_body  # type: ignore[method-assign]
     HttpStream.state_discard_request_body = _state_discard_request_body  # type: ignore[attr-defined]
     tcp_layer.TCPLayer.relay_messages = _tcp_relay  # type: ignore[method-assign]
+    http1_layer.Http1Server.read_headers = _read_headers  # type: ignore[method-assign]
     ws_layer.WebsocketLayer.relay_messages = _ws_relay  # type: ignore[method-assign]
+
+
+# --- request heads of bounded size ----------------------------------------------------------
+# mitmproxy 11 buffers an HTTP/1 request head until it is complete, however large ("FIXME:
+# protect against header size DoS"): one client sending headers forever grows the process.
+
+MAX_REQUEST_HEAD = 64 * 1024
+
+_original_read_headers = http1_layer.Http1Server.read_headers
+
+
+def _read_headers(
+    self: http1_layer.Http1Server, event: events.ConnectionEvent
+) -> layer.CommandGenerator[None]:
+    yield from _original_read_headers(self, event)
+    if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
+        yield commands.SendData(
+            self.conn,
+            http1_layer.make_error_response(
+                431, f"Request header fields larger than {MAX_REQUEST_HEAD} bytes."
+            ),
+        )
+        yield commands.CloseConnection(self.conn)
+        self.buf = http1_layer.ReceiveBuffer()
+        self.state = self.done

@@ -370,6 +370,13 @@ def _parse_file(path: Path) -> tuple[PolicyFileSpec, yaml.Node | None]:
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 1
         raise PolicyError([f"{path}:{line}: (syntax): {e.problem}"]) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow
+        line = text.count("\n", 0, e.position) + 1
+        raise PolicyError(
+            [f"{path}:{line}: (syntax): character {e.character:#06x} is not allowed in YAML"]
+        ) from None
+    except yaml.YAMLError as e:
+        raise PolicyError([f"{path}:1: (syntax): {e}"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
