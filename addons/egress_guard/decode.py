@@ -144,6 +144,12 @@ _MEDIA_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"ID3", b"OggS", b"fLaC")
 _CONTROL_BYTES = bytes([*range(0x09), *range(0x0E, 0x20)])
 
 
+def looks_binary(sample: bytes) -> bool:
+    """More than 5 % control bytes: not text in any single-byte-based charset."""
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
+    return controls > len(sample) // 20
+
+
 def texts_of(data: bytes, charset: str = "") -> list[str]:
     """The text(s) bytes may be: the declared charset, else BOM, else UTF-8, else every one of
     GB18030, Big5 and (even length) UTF-16 LE/BE: scanning each costs less than guessing wrong,
@@ -162,8 +168,7 @@ def texts_of(data: bytes, charset: str = "") -> list[str]:
     except UnicodeDecodeError:
         pass
     sample = data[:8192]
-    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
-    candidates = [] if controls > len(sample) // 20 else ["gb18030", "big5"]  # binary: no
+    candidates = [] if looks_binary(sample) else ["gb18030", "big5"]
     if len(data) % 2 == 0:  # Chinese UTF-16 without a BOM looks binary too: check its letters
         candidates += [
             c

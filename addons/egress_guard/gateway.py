@@ -32,6 +32,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from . import blockpage, bodygate, console, metrics
 from .auditlog import AuditLog, RequestRow, bounded, utc_from_timestamp
 from .decision import ALLOW, Decision, RequestFacts, decide, is_passthrough, needs_interception
+from .decode import looks_binary
 from .hosts import normalize_host, split_host_port
 from .identity import Who, identify
 from .policy import Policy, PolicyError, PolicyWatcher, default_policy_dir, load_policy
@@ -801,7 +802,7 @@ class ScanGate:
         self.policy = policy
         self.on_found = on_found
         self.buffer: bytearray | None = bytearray()
-        self.stream = StreamScanner(policy.markers)
+        self.stream: StreamScanner | None = StreamScanner(policy.markers)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def feed(self, data: bytes) -> http.Response | None:
@@ -810,8 +811,22 @@ class ScanGate:
             if len(self.buffer) <= self.policy.limits.max_body:
                 return None  # decoded and scanned whole at the end, off the event loop
             # Too big to decode whole: from here on only its raw text is scanned, as it
-            # passes, and the verdict at the end is `unscannable`.
-            data, self.buffer = bytes(self.buffer), None
+            # passes (binary has none), and the verdict at the end is `unscannable`.
+            buffered, self.buffer = self.buffer, None
+            if looks_binary(bytes(buffered[:8192])):
+                self.stream = None
+                return None
+            for at in range(0, len(buffered), self.SLICE):  # bounded memory per step
+                found = self._scan(bytes(buffered[at : at + self.SLICE]))
+                if found is not None:
+                    return found
+            return None
+        return self._scan(data) if self.stream is not None else None
+
+    SLICE = 256 * 1024
+
+    def _scan(self, data: bytes) -> http.Response | None:
+        assert self.stream is not None
         new = self.stream.feed(self.decoder.decode(data))
         return self.on_found(self.stream.found) if new else None
 
@@ -920,7 +935,7 @@ class Markers:
         state, policy = found
         if gate.buffer is None:
             result = ScanResult(
-                set(gate.stream.found),
+                set(gate.stream.found) if gate.stream else set(),
                 f"body over {policy.limits.max_body} bytes: only its text was scanned",
             )
         else:
@@ -932,7 +947,6 @@ class Markers:
                 headers.get("content-encoding", ""),
             )
             gate.buffer = None
-            result.found |= gate.stream.found
         refusal = self._apply(flow, state, policy, result.found, result.unscannable)
         if refusal is not None:
             bodygate.refuse_at_end(flow, refusal)
