@@ -204,8 +204,9 @@ def test_corrupt_spool_frame_is_skipped_and_the_rest_replayed(gateway, upstream)
         time.sleep(0.2)
     assert gw2.stop() == 0
     paths = stored_paths(gw.data_dir, "/c")
-    assert {p.split("-")[0] for p in paths} >= {"/c1", "/c2"}  # the later frames survived
-    assert not any(p.startswith("/c0-") for p in paths)  # the corrupt one is gone, not garbled
+    assert len(paths) == len(set(paths)) and len(paths) < 15  # the corrupt frame's rows lost
+    assert {f"/c2-{j}" for j in range(5)} <= set(paths)  # the frames after it survived
+    assert all(p.startswith(("/c0-", "/c1-", "/c2-")) for p in paths)  # nothing garbled
 
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
