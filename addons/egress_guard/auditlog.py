@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,10 +68,11 @@ class RequestRow:
     window_bytes: int = 0
 
     def values(self) -> tuple[Any, ...]:
-        return astuple(self)
+        return _ROW_VALUES(self)  # not dataclasses.astuple: it deep-copies, 10x slower
 
 
 assert tuple(f.name for f in fields(RequestRow)) == COLUMN_NAMES, "row and table disagree"
+_ROW_VALUES = operator.attrgetter(*COLUMN_NAMES)
 
 MAX_TEXT = {"path": 2048, "query": 2048, "user_agent": 512, "error": 1024, "content_type": 256}
 
@@ -135,6 +137,7 @@ class AuditLog:
         self.dropped = 0
         self.spool_ok = True  # False while the spool cannot take rows (full, disk error)
         self.store_ok = True
+        self._fresh: dict[str, list[tuple[Any, ...]]] = {}  # rows of frames just spooled
 
     @property
     def accepting(self) -> bool:
@@ -188,8 +191,9 @@ class AuditLog:
         return batch, False
 
     def _spool(self, batch: list[tuple[RequestRow, Future[None] | None]]) -> None:
+        rows = [row for row, _ in batch]
         try:
-            self.spool.append(pack_rows([row for row, _ in batch]))
+            frame = self.spool.append(pack_rows(rows))
         except (SpoolFull, OSError) as e:
             if self.spool_ok:
                 log.error("audit spool cannot take rows: %s", e)
@@ -200,6 +204,8 @@ class AuditLog:
                     done.set_exception(e)
             return
         self.spool_ok = True
+        if len(self._fresh) < 8:  # spare the store round trip a re-read of the disk
+            self._fresh[frame.token] = [r.values() for r in rows]
         for _, done in batch:
             if done is not None:
                 done.set_result(None)
@@ -211,7 +217,7 @@ class AuditLog:
         deadline = time.monotonic() + budget
         for frame in self.spool.pending():
             try:
-                rows = unpack_rows(frame.payload)
+                rows = self._fresh.pop(frame.token, None) or unpack_rows(frame.payload)
                 self._insert(rows, frame.token)
             except Exception as e:  # the store is down or refused: keep the batch, retry
                 self.store_ok = False

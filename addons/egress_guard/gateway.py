@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -911,14 +911,19 @@ class Markers:
             return None
         return self._apply(flow, state, policy, found)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response is not None or flow.request.stream:
-            return
+            return None
         found = self._policy(flow)
+        if found is None or not flow.request.raw_content:
+            return None  # nothing to scan: no coroutine on the hot path
+        return self._scan_buffered(flow, *found)
+
+    async def _scan_buffered(
+        self, flow: http.HTTPFlow, state: FlowState, policy: MarkerPolicy
+    ) -> None:
         body = flow.request.raw_content
-        if found is None or not body:
-            return
-        state, policy = found
+        assert body is not None
         headers = flow.request.headers
         result = await self.gw.scan(
             policy, body, headers.get("content-type", ""), headers.get("content-encoding", "")
@@ -1046,10 +1051,13 @@ class Audit:
         row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
         self.gw.record(row)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         durable = self._finish(flow)
-        if durable is None:
-            return
+        # A coroutine only in sync mode: mitmproxy awaits what a hook returns, and a plain
+        # return costs the hot path nothing.
+        return None if durable is None else self._answer_when_durable(flow, durable)
+
+    async def _answer_when_durable(self, flow: http.HTTPFlow, durable: Future[None]) -> None:
         try:  # sync mode: the client is answered only once its row is on disk
             await asyncio.wrap_future(durable)
         except Exception:

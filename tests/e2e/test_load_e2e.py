@@ -1,0 +1,42 @@
+"""A short run of the bounded load test: a mix of browsing, uploads and blocked requests from
+several client processes; every answered request has exactly one row, the gateway logs no
+error, and the clients saw no failure. (tests/benchmarks/load.py runs it for minutes.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_load_mix_every_answered_request_logged_once(tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "benchmarks" / "load.py"),
+            "--seconds",
+            "16",
+            "--clients",
+            "2",
+            "--max-requests",
+            "4000",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(out.read_text())
+    assert report["answered"] > 100, result.stdout + result.stderr[-2000:]
+    assert report["missing_rows"] == 0 and report["duplicate_rows"] == 0
+    assert report["rows"] == report["answered"]
+    assert report["client_errors"] == 0
+    assert report["errors_in_gateway_log"] == []
+    assert result.returncode == 0
