@@ -12,8 +12,10 @@ import hmac
 import json
 import os
 import secrets
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,45 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+class FailedLogins:
+    """Failed authentications per client address: after ``limit`` within ``window`` seconds
+    the address is refused (429) until the window has passed, right token or not — guessing
+    a token is not a rate anyone gets."""
+
+    def __init__(
+        self, limit: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, address: str) -> deque[float]:
+        times = self._failures.get(address)
+        if times is None:
+            return deque()
+        horizon = self.clock() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+        return times
+
+    def locked(self, address: str) -> bool:
+        return len(self._recent(address)) >= self.limit
+
+    def failed(self, address: str) -> None:
+        self._recent(address)
+        self._failures.setdefault(address, deque()).append(self.clock())
+        if len(self._failures) > 10_000:  # bounded: forget the oldest addresses
+            self._failures.pop(next(iter(self._failures)))
+
+
 @dataclass
 class AdminContext:
     token: str
     store: Store
     status: Callable[[], dict[str, Any]]
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    failed_logins: FailedLogins = field(default_factory=FailedLogins)
 
 
 class _Authenticated(tornado.web.RequestHandler):
@@ -67,13 +102,27 @@ class _Authenticated(tornado.web.RequestHandler):
         self.ctx = ctx
 
     def prepare(self) -> None:
+        # The token travels only in the Authorization header, never in a cookie: a page on
+        # another site cannot make a browser send it, so there is no CSRF to forge.
+        address = self.request.remote_ip or ""
+        if self.ctx.failed_logins.locked(address):
+            raise tornado.web.HTTPError(429, reason="too many failed authentications; wait")
         given = self.request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self.ctx.token.encode()
         ):
+            if given:  # a wrong credential, not a missing one
+                self.ctx.failed_logins.failed(address)
             self.set_header("WWW-Authenticate", 'Bearer realm="egress-guard admin"')
             raise tornado.web.HTTPError(401, reason="authentication required")
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+
+    def options(self, *args: Any) -> None:
+        raise tornado.web.HTTPError(405, reason="no cross-origin access")
 
     def send_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)

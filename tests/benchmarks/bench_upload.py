@@ -134,9 +134,15 @@ def main() -> None:
     )
     # ... and, like any trusted destination for big files, one the marker scan may only log
     # as unscannable (bodies over max_body cannot be decoded whole).
-    markers = (policies / "markers.yaml").read_text().replace(
-        "  overrides: []", "  overrides:\n    - id: markers.bench-sink\n"
-        "      exact_hosts: [127.0.0.1]\n      unscannable: log")
+    markers = (
+        (policies / "markers.yaml")
+        .read_text()
+        .replace(
+            "  overrides: []",
+            "  overrides:\n    - id: markers.bench-sink\n"
+            "      exact_hosts: [127.0.0.1]\n      unscannable: log",
+        )
+    )
     (policies / "markers.yaml").write_text(markers)
     gw = GatewayProcess(tmp / "data", policies).start()
     bare, bare_port = start_mitmdump(tmp / "mitm")

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     report: dict = {}
     try:
-        bare, bare_port = start_mitmdump(tmp / "mitm")
+        # The same mix: bare mitmdump refuses the "blocked" requests with its own block_list
+        # (it must not try to reach the real site).
+        bare, bare_port = start_mitmdump(tmp / "mitm", ("--set", "block_list=/~d mail.qq.com/403"))
         try:
             b = run_mix(
                 bare_port,

@@ -175,3 +175,34 @@ def test_passthrough_hosts_are_tunnelled_uninspected_and_logged(tmp_path, policy
         assert "request log kept 7 months" in gw.text()
     finally:
         gw.stop()
+
+
+def test_admin_api_throttles_token_guessing_and_offers_no_cookie_or_cors(tmp_path, policy_dir):
+    import urllib.error
+    import urllib.request
+
+    gw = GatewayProcess(tmp_path / "data", policy_dir).start()
+    try:
+
+        def call(token=None, method="GET", cookie=None):
+            req = urllib.request.Request(f"http://{gw.admin}/api/v1/status", method=method)
+            if token:
+                req.add_header("Authorization", f"Bearer {token}")
+            if cookie:
+                req.add_header("Cookie", cookie)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, dict(r.headers)
+            except urllib.error.HTTPError as e:
+                return e.code, dict(e.headers)
+
+        good = (gw.data_dir / "admin-token").read_text().strip()
+        assert call(good)[0] == 200
+        assert call(cookie=f"token={good}")[0] == 401  # a cookie is never a credential
+        status, headers = call(good, method="OPTIONS")
+        assert status == 405 and "Access-Control-Allow-Origin" not in headers
+        codes = [call(f"guess-{i}")[0] for i in range(12)]
+        assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
+        assert call(good)[0] == 429  # locked for the window, right token or not
+    finally:
+        gw.stop()
