@@ -21,3 +21,22 @@ def write_policy(tmp_path):
         return d
 
     return write
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A loopback HTTP + HTTPS upstream that records what reaches it (one per test module)."""
+    from harness import Upstream
+
+    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def ws_upstream():
+    from harness import WsEcho
+
+    ws = WsEcho().start()
+    yield ws
+    ws.stop()

@@ -5,3 +5,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
 UT1 = REPO.parent / "shared" / "data" / "ut1"
+
+
+def policy_copy(base: Path, files: dict[str, str] | None = None) -> Path:
+    """The shipped policy copied under ``base``, with some files replaced or added."""
+    import shutil
+
+    directory = base / "policies"
+    shutil.copytree(POLICIES, directory)
+    for name, text in (files or {}).items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory

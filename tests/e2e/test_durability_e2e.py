@@ -5,7 +5,6 @@ full. Rows are counted exactly against what the clients saw answered."""
 from __future__ import annotations
 
 import http.client
-import shutil
 import signal
 import threading
 import time
@@ -13,17 +12,10 @@ import time
 import pytest
 
 from egress_guard.store import Store, default_dsn
-from harness import GatewayProcess, Upstream, curl
-from support import POLICIES
+from harness import GatewayProcess, curl
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
-    yield up
-    up.stop()
 
 
 @pytest.fixture
@@ -31,8 +23,7 @@ def gateway(tmp_path):
     """A gateway factory over one data directory, with the fault switch file wired in."""
     faults = tmp_path / "faults"
     faults.write_text("")
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
+    policies = policy_copy(tmp_path)
     started: list[GatewayProcess] = []
 
     def make(*args: str) -> GatewayProcess:

@@ -4,14 +4,13 @@ and the real embedded ClickHouse behind the admin API."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import urllib.error
 import urllib.request
 
 import pytest
 
-from harness import PAYLOAD, GatewayProcess, Upstream, curl
-from support import POLICIES
+from harness import PAYLOAD, GatewayProcess, curl
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +31,8 @@ categories:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("policy") / "policies"
-    shutil.copytree(POLICIES, d)
-    (d / "e2e.yaml").write_text(E2E_RULES)
-    return d
+    return policy_copy(tmp_path_factory.mktemp("policy"), {"e2e.yaml": E2E_RULES})
 
 
 @pytest.fixture(scope="module")

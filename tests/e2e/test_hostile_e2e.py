@@ -4,15 +4,14 @@ upstream."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
 
 import pytest
 
-from harness import GatewayProcess, Upstream, curl
-from support import POLICIES
+from harness import GatewayProcess, curl
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +25,10 @@ categories:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(tmp_path_factory, upstream):
     base = tmp_path_factory.mktemp("gw-hostile")
-    shutil.copytree(POLICIES, base / "policies")
-    (base / "policies" / "e2e.yaml").write_text(BLOCK_LOCALHOST)
-    g = GatewayProcess(base / "data", base / "policies", upstream.ca_path).start()
+    policies = policy_copy(base, {"e2e.yaml": BLOCK_LOCALHOST})
+    g = GatewayProcess(base / "data", policies, upstream.ca_path).start()
     yield g
     g.stop()
     assert "Traceback" not in g.text(), g.text()[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -13,7 +12,7 @@ import urllib.request
 import pytest
 
 from harness import GatewayProcess, Upstream, cli, curl, egress_guard_bin
-from support import POLICIES
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +35,7 @@ def upstream(tmp_path):
 
 @pytest.fixture
 def policy_dir(tmp_path):
-    d = tmp_path / "policies"
-    shutil.copytree(POLICIES, d)
-    return d
+    return policy_copy(tmp_path)
 
 
 def test_run_refuses_an_invalid_policy_naming_file_line_and_field(tmp_path, policy_dir):

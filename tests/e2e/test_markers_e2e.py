@@ -7,14 +7,13 @@ import base64
 import gzip
 import json
 import os
-import shutil
 from urllib.parse import urlencode
 
 import pytest
 
 from documents import LEGAL_ARTICLE, NEWS, docx, multipart, pdf
-from harness import GatewayProcess, Upstream, WsEcho, curl, ws_session
-from support import POLICIES
+from harness import GatewayProcess, curl, ws_session
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -23,25 +22,9 @@ UPLOADS = "uploads:\n  per_request: 64MiB\n  per_user: 1GiB\n  stream_above: 256
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def ws_upstream():
-    ws = WsEcho().start()
-    yield ws
-    ws.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(tmp_path_factory, upstream):
     base = tmp_path_factory.mktemp("gw-markers")
-    policies = base / "policies"
-    shutil.copytree(POLICIES, policies)
-    (policies / "uploads.yaml").write_text(UPLOADS)
+    policies = policy_copy(base, {"uploads.yaml": UPLOADS})
     g = GatewayProcess(base / "data", policies, upstream.ca_path).start()
     yield g
     g.stop()

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 
 import pytest
 
-from harness import GatewayProcess, Upstream, WsEcho, curl, ws_session
-from support import POLICIES
+from harness import GatewayProcess, Upstream, curl, ws_session
+from support import policy_copy
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +47,6 @@ USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "bigsender", 
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    up = Upstream(tmp_path_factory.mktemp("upstream")).start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def pinned_upstream(tmp_path_factory):
     """The server of a 'pinned app' on 127.0.0.2: tunnelled, never intercepted."""
     up = Upstream(tmp_path_factory.mktemp("pinned"), host="127.0.0.2").start()
@@ -63,22 +55,13 @@ def pinned_upstream(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ws_upstream():
-    ws = WsEcho().start()
-    yield ws
-    ws.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(tmp_path_factory, upstream):
     from passlib.apache import HtpasswdFile
 
     base = tmp_path_factory.mktemp("gw-uploads")
-    policies = base / "policies"
-    shutil.copytree(POLICIES, policies)
-    (policies / "uploads.yaml").write_text(UPLOADS)
-    (policies / "allow.yaml").write_text(ALLOW)
-    (policies / "gateway.yaml").write_text(SETTINGS)
+    policies = policy_copy(
+        base, {"uploads.yaml": UPLOADS, "allow.yaml": ALLOW, "gateway.yaml": SETTINGS}
+    )
     htpasswd = HtpasswdFile(str(base / "htpasswd"), new=True)
     for user in USERS:
         htpasswd.set_password(user, "pw")
@@ -303,49 +286,23 @@ def test_rolling_window_refuses_the_upload_that_would_pass_it(gw, upstream, tmp_
     assert other.status == 200
 
 
+def post_file(gw, url, user, path, cacert=None):
+    return curl(
+        url, gw.proxy, cacert, method="POST", extra=(*as_user(user), "--data-binary", f"@{path}")
+    )
+
+
 def test_overrides_per_user_and_per_destination(gw, upstream, tmp_path):
     three, _ = body_file(tmp_path, 3 * MiB, "three.bin")
     five, _ = body_file(tmp_path, 5 * MiB, "five.bin")
     base = f"http://127.0.0.1:{upstream.http_port}"
-    assert (
-        curl(
-            f"{base}/big-ok",
-            gw.proxy,
-            method="POST",
-            extra=(*as_user("bigsender"), "--data-binary", f"@{three}"),
-        ).status
-        == 200
-    )
-    assert (
-        curl(
-            f"{base}/big-too-big",
-            gw.proxy,
-            method="POST",
-            extra=(*as_user("bigsender"), "--data-binary", f"@{five}"),
-        ).status
-        == 413
-    )
-    assert (
-        curl(
-            f"{base}/not-big",
-            gw.proxy,
-            method="POST",
-            extra=(*as_user("alice"), "--data-binary", f"@{three}"),
-        ).status
-        == 413
-    )
+    assert post_file(gw, f"{base}/big-ok", "bigsender", three).status == 200
+    assert post_file(gw, f"{base}/big-too-big", "bigsender", five).status == 413
+    assert post_file(gw, f"{base}/not-big", "alice", three).status == 413
     # The company's own service (allow list category `company`): unlimited, not counted.
     company = f"http://localhost:{upstream.http_port}/company"
     for _ in range(3):
-        assert (
-            curl(
-                company,
-                gw.proxy,
-                method="POST",
-                extra=(*as_user("alice"), "--data-binary", f"@{five}"),
-            ).status
-            == 200
-        )
+        assert post_file(gw, company, "alice", five).status == 200
     rows = rows_for(gw, "alice", "/company")
     assert rows and all(r["window_bytes"] == 0 and r["upload_bytes"] == 5 * MiB for r in rows)
     (row,) = rows_for(gw, "bigsender", "/big-too-big")
