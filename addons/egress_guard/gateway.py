@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import inspect
 import logging
 import multiprocessing
 import os
@@ -1183,7 +1184,71 @@ class Audit:
         )
 
 
+class EgressGuard:
+    """The one addon mitmproxy sees. It calls the concern adapters above in hook order.
+
+    mitmproxy wraps every call of every addon's hook in its own error-handling context; with
+    six addons that dispatch cost more per request than all of the gateway's own decisions
+    (py-spy under load). One addon, calling the adapters directly, pays it once per hook.
+    An adapter's coroutine is awaited before the next adapter runs, as mitmproxy would.
+    """
+
+    name = "egress_guard"
+
+    def __init__(self, gateway: Gateway):
+        self.parts = (
+            Setup(gateway),
+            Identity(gateway),
+            Blocklist(gateway),
+            Uploads(gateway),
+            Markers(gateway),
+            Audit(gateway),
+        )
+
+    def _chain(self, hook: str) -> tuple[Callable[..., Any], ...]:
+        return tuple(m for part in self.parts if (m := getattr(part, hook, None)) is not None)
+
+    @staticmethod
+    async def _finish(
+        pending: Awaitable[Any], rest: tuple[Callable[..., Any], ...], args: tuple[Any, ...]
+    ) -> None:
+        await pending
+        for method in rest:
+            result = method(*args)
+            if result is not None and inspect.isawaitable(result):
+                await result
+
+
+def _dispatch(hook: str) -> Callable[..., Any]:
+    def call(self: EgressGuard, *args: Any) -> Awaitable[None] | None:
+        chain = self._chains.get(hook)
+        if chain is None:
+            chain = self._chains[hook] = self._chain(hook)
+        for i, method in enumerate(chain):
+            result = method(*args)
+            if result is not None and inspect.isawaitable(result):
+                return self._finish(result, chain[i + 1 :], args)
+        return None
+
+    call.__name__ = hook
+    return call
+
+
+EgressGuard._chains = {}  # type: ignore[attr-defined]
+for _hook in sorted(
+    {
+        name
+        for cls in (Setup, Identity, Blocklist, Uploads, Markers, Audit)
+        for name in vars(cls)
+        if not name.startswith("_") and name != "name" and callable(vars(cls)[name])
+    }
+    - {"SLICE"}
+):
+    setattr(EgressGuard, _hook, _dispatch(_hook))
+
+
 def make_addons(gateway: Gateway | None = None) -> list[object]:
     bodygate.install()
-    gw = gateway or Gateway()
-    return [Setup(gw), Identity(gw), Blocklist(gw), Uploads(gw), Markers(gw), Audit(gw)]
+    guard = EgressGuard(gateway or Gateway())
+    guard._chains = {}  # type: ignore[attr-defined]
+    return [guard]
