@@ -191,7 +191,9 @@ def bench_proxies(mode: Mode, tmp: Path, deadline: float) -> dict:
         "mitmdump": Target("mitmdump", bare_port, bare.pid, tmp / "mitm" / "mitmproxy-ca-cert.pem"),
         "gateway": Target("gateway", gw.proxy_port, gw.proc.pid, gw.ca_pem()),
     }
-    small_form = b"a=" + b"x" * 1000
+    small_form = urlencode({"subject": "周报", "content": sample_text(1_000, seed=2)}).encode()[
+        :1000
+    ]
     big_form = urlencode({"subject": "周报", "content": sample_text(100_000, seed=3)}).encode()[
         :100_000
     ]
