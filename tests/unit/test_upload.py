@@ -4,8 +4,11 @@ and the Uploads addon on mitmproxy's test flows."""
 import pytest
 from mitmproxy.test import tflow, tutils
 
+from egress_guard.adapters.blocklist import Blocklist
+from egress_guard.adapters.identity import Identity
+from egress_guard.adapters.uploads import Uploads
 from egress_guard.bodygate import declared_length
-from egress_guard.gateway import Blocklist, Gateway, Identity, Uploads
+from egress_guard.gateway import Gateway
 from egress_guard.policy import PolicyError, PolicyWatcher, load_policy
 from egress_guard.units import parse_size
 from egress_guard.upload import Limits, UploadGate, UploadWindows, check, limits_for

@@ -1,0 +1,237 @@
+"""Audit adapter: one log row per CONNECT, request, WebSocket and tunnel; fail closed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from mitmproxy import connection, http, tcp, tls, websocket
+
+from .. import bodygate, metrics
+from ..auditlog import RequestRow, bounded, utc_from_timestamp
+from ..decision import ALLOW, RequestFacts, decide
+from ..flows import (
+    STATE,
+    FlowState,
+    audit_unavailable_response,
+    client_ip,
+    header_bytes,
+)
+from ..hosts import normalize_host
+from ..identity import Who, identify
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger("egress_guard")
+
+
+class Audit:
+    """One row per CONNECT, request, WebSocket and failed or passed-through tunnel."""
+
+    name = "egress_audit"
+
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    def _http_row(self, flow: http.HTTPFlow, state: FlowState | None, kind: str) -> RequestRow:
+        req = flow.request
+        resp = flow.response
+        who = state.who if state else Who("")
+        decision = state.decision if state else ALLOW
+        end = (resp.timestamp_end if resp and resp.timestamp_end else None) or self.gw.clock()
+        if state is not None and state.gate is not None:
+            body = state.gate.seen
+        else:
+            body = len(req.raw_content) if req.raw_content else 0
+        first_line = len(req.method) + len(req.path) + len(req.http_version) + 4
+        error = flow.error.msg if flow.error else ""
+        if decision.scan and decision.scan.unscannable:
+            error = f"unscannable: {decision.scan.unscannable}" + (f"; {error}" if error else "")
+        return RequestRow(
+            ts=utc_from_timestamp(req.timestamp_start),
+            request_id=flow.id,
+            client_ip=client_ip(flow.client_conn),
+            user=who.user,
+            groups=list(who.groups),
+            method=req.method,
+            scheme=req.scheme,
+            host=normalize_host(req.host),
+            port=req.port,
+            path=bounded(req.path.split("?", 1)[0], "path"),
+            query=bounded(req.path.partition("?")[2], "query"),
+            http_version=req.http_version,
+            kind=kind,
+            status=resp.status_code if resp else (502 if error else 0),
+            decision=decision.verdict,
+            reason_kind=decision.reason_kind or ("error" if error else ""),
+            rule_id=decision.rule_id,
+            category=decision.category,
+            request_bytes=header_bytes(req, first_line) + body,
+            upload_bytes=body,
+            response_bytes=len(resp.raw_content) if resp and resp.raw_content else 0,
+            content_type=bounded(req.headers.get("content-type", ""), "content_type"),
+            user_agent=bounded(req.headers.get("user-agent", ""), "user_agent"),
+            duration_ms=max(0, int((end - req.timestamp_start) * 1000)),
+            tls_intercepted=flow.client_conn.tls_established,
+            error=bounded(error, "error"),
+            marker_ids=[h.marker_id for h in decision.scan.hits] if decision.scan else [],
+            marker_levels=[h.level for h in decision.scan.hits] if decision.scan else [],
+            declared_bytes=(state.declared or 0) if state else 0,
+            window_bytes=(state.window_bytes + (state.gate.counted if state.gate else 0))
+            if state
+            else 0,
+        )
+
+    def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> Future[None] | None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None and state.logged:
+            return None
+        if state is not None:
+            state.logged = True
+        return self.gw.record(self._http_row(flow, state, kind))
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: when the log cannot keep rows, nothing passes unlogged."""
+        if self.gw.refuses_for_audit() and flow.response is None:
+            metrics.AUDIT_REFUSED.inc()
+            state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
+            state.decision = replace(state.decision, verdict="block", reason_kind="error")
+            bodygate.refuse_at_headers(
+                flow, audit_unavailable_response(flow, state, self.gw.clock())
+            )
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        row = self._http_row(flow, flow.metadata.get(STATE), "connect")
+        row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
+        self.gw.record(row)
+
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        durable = self._finish(flow)
+        # A coroutine only in sync mode: mitmproxy awaits what a hook returns, and a plain
+        # return costs the hot path nothing.
+        return None if durable is None else self._answer_when_durable(flow, durable)
+
+    async def _answer_when_durable(self, flow: http.HTTPFlow, durable: Future[None]) -> None:
+        try:  # sync mode: the client is answered only once its row is on disk
+            await asyncio.wrap_future(durable)
+        except Exception:
+            if self.gw.config is not None and self.gw.config.audit_fail == "closed":
+                metrics.AUDIT_REFUSED.inc()
+                state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
+                flow.response = audit_unavailable_response(flow, state, self.gw.clock())
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Count, then forget the message: a long-lived WebSocket must not grow the process."""
+        assert flow.websocket is not None
+        state: FlowState | None = flow.metadata.get(STATE)
+        message: websocket.WebSocketMessage = flow.websocket.messages[-1]
+        if state is not None:
+            if message.from_client:
+                state.ws_sent += len(message.content)
+            else:
+                state.ws_received += len(message.content)
+        del flow.websocket.messages[:]
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        row = self._http_row(flow, state, "websocket")
+        sent, received = (state.ws_sent, state.ws_received) if state else (0, 0)
+        row.upload_bytes, row.request_bytes, row.response_bytes = sent, sent, received
+        row.declared_bytes = 0
+        row.window_bytes = state.window_bytes if state else 0
+        row.request_id = f"{flow.id}/ws"
+        if flow.websocket and flow.websocket.close_code == 1009 and not row.error:
+            row.error = "WebSocket closed by egress-guard: upload limit"
+        self.gw.record(row)
+
+    def _tunnel_row(
+        self,
+        client: connection.Client,
+        server: connection.Server,
+        sni: str | None,
+        error: str,
+        intercepted: bool,
+        state: FlowState | None = None,
+    ) -> RequestRow:
+        host, port = server.address if server.address else (sni or "", 0)
+        who = self.gw.connect_who.get(client.id) or identify(
+            client_ip(client), None, self.gw.policy
+        )
+        decision = decide(RequestFacts((host, sni or ""), None), self.gw.policy)
+        if state is not None and state.decision.verdict == "block":
+            decision = state.decision
+        gate = state.gate if state else None
+        return RequestRow(
+            ts=utc_from_timestamp(client.timestamp_start),
+            request_id=f"{client.id}/tunnel",
+            client_ip=client_ip(client),
+            user=who.user,
+            groups=list(who.groups),
+            method="CONNECT",
+            scheme="tls",
+            host=normalize_host(host),
+            port=port,
+            kind="tunnel",
+            decision=decision.verdict,
+            reason_kind=decision.reason_kind or ("error" if error else ""),
+            rule_id=decision.rule_id,
+            category=decision.category,
+            tls_intercepted=intercepted,
+            error=bounded(error, "error"),
+            duration_ms=max(0, int((self.gw.clock() - client.timestamp_start) * 1000)),
+            upload_bytes=gate.seen if gate else 0,
+            request_bytes=gate.seen if gate else 0,
+            window_bytes=gate.counted if gate else 0,
+        )
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Bytes are counted by the gate; the messages themselves are not kept."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None:
+            message = flow.messages[-1]
+            if not message.from_client:
+                state.ws_received += len(message.content)
+        del flow.messages[:]
+
+    def _tcp_done(self, flow: tcp.TCPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.logged:
+            return
+        state.logged = True
+        row = self._tunnel_row(
+            flow.client_conn,
+            flow.server_conn,
+            flow.client_conn.sni,
+            flow.error.msg if flow.error else "",
+            False,
+            state,
+        )
+        row.response_bytes = state.ws_received
+        self.gw.record(row)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        self._tcp_done(flow)
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        self._tcp_done(flow)
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        reason = client.error or "client TLS handshake failed"
+        self.gw.record(
+            self._tunnel_row(
+                client,
+                data.context.server,
+                client.sni,
+                f"TLS interception failed, tunnel closed: {reason}",
+                False,
+            )
+        )

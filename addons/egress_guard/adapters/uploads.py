@@ -1,0 +1,140 @@
+"""Uploads adapter: per-request and per-user upload caps for bodies, WebSocket messages and
+pass-through tunnels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from mitmproxy import http, tcp
+
+from .. import bodygate
+from ..decision import RequestFacts, decide
+from ..flows import (
+    STATE,
+    FlowState,
+    cap_response,
+    window_key,
+)
+from ..hosts import normalize_host
+from ..upload import CapHit, Limits, UploadGate, check, limits_for
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger("egress_guard")
+
+
+class Uploads:
+    """Upload caps: per request and per user window, for request bodies, WebSocket messages
+    and pass-through tunnels. Decided at the headers when the size is announced, counted as
+    the bytes stream otherwise."""
+
+    name = "egress_uploads"
+
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    def _limits(self, state: FlowState, host: str) -> Limits:
+        who = state.who
+        return limits_for(
+            self.gw.policy.uploads, who.user, who.groups, host, state.decision.category
+        )
+
+    def _refuse(self, flow: http.HTTPFlow, state: FlowState, hit: CapHit) -> http.Response:
+        state.decision = replace(state.decision, verdict="block", reason_kind="upload_cap", cap=hit)
+        return cap_response(flow, state, hit, self.gw.clock())
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or flow.response is not None:  # already refused
+            return
+        limits = state.limits = self._limits(state, normalize_host(flow.request.host))
+        key = window_key(state.who, flow.client_conn)
+        declared = state.declared = bodygate.declared_length(flow.request)
+        windows = self.gw.windows
+        reserved = 0
+        if declared:
+            hit = check(limits, declared, windows.used(key) if limits.per_user is not None else 0)
+            if hit is not None:
+                bodygate.refuse_at_headers(flow, self._refuse(flow, state, hit))
+                return
+            if limits.per_user is not None:
+                windows.add(key, declared)
+                state.window_bytes = reserved = declared
+        if declared is None or declared > self.gw.policy.uploads.stream_above:
+            state.gate = UploadGate(
+                limits, windows, key, lambda hit: self._refuse(flow, state, hit), reserved
+            )
+            bodygate.add_gate(flow, state.gate)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A buffered body nobody announced the size of (HTTP/2 without Content-Length): check
+        it now, before it is forwarded."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.limits is None or state.gate is not None or flow.response:
+            return
+        size = len(flow.request.raw_content or b"")
+        if state.declared is not None or not size:
+            return
+        key = window_key(state.who, flow.client_conn)
+        limits = state.limits
+        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        hit = check(limits, size, used)
+        if hit is not None:
+            flow.response = self._refuse(flow, state, hit)
+        elif limits.per_user is not None:
+            self.gw.windows.add(key, size)
+            state.window_bytes = size
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        state: FlowState | None = flow.metadata.get(STATE)
+        message = flow.websocket.messages[-1]
+        if state is None or not message.from_client or state.limits is None:
+            return
+        if state.ws_cut:
+            message.drop()
+            return
+        size = len(message.content)
+        key = window_key(state.who, flow.client_conn)
+        limits = state.limits
+        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        hit = check(limits, size, used)
+        if hit is not None:
+            state.ws_cut = True
+            state.decision = replace(
+                state.decision, verdict="block", reason_kind="upload_cap", cap=hit
+            )
+            bodygate.cut_websocket(flow, message)
+        elif limits.per_user is not None:
+            self.gw.windows.add(key, size)
+            state.window_bytes += size
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        state: FlowState = flow.metadata[STATE]
+        host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
+        state.decision = decide(RequestFacts((host,), None), self.gw.policy)
+        state.limits = limits = self._limits(state, host)
+        # A tunnel is many requests: only the user's window applies to it, not the
+        # per-request cap.
+        tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
+        state.gate = UploadGate(
+            tunnel_limits,
+            self.gw.windows,
+            window_key(state.who, flow.client_conn),
+            self._tunnel_refused(state),
+        )
+        bodygate.add_gate(flow, state.gate)
+
+    @staticmethod
+    def _tunnel_refused(state: FlowState) -> Callable[[CapHit], http.Response]:
+        def refuse(hit: CapHit) -> http.Response:
+            state.decision = replace(
+                state.decision, verdict="block", reason_kind="upload_cap", cap=hit
+            )
+            return http.Response.make(413)  # never sent: a tunnel has no HTTP answer
+
+        return refuse
