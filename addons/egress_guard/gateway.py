@@ -340,8 +340,6 @@ class Setup:
     """Options, startup and shutdown. With ``egress-guard run`` the CLI starts the gateway
     before mitmproxy; with ``mitmdump -s`` this addon starts it from the ``egress_*`` options."""
 
-    name = "egress_setup"
-
     def __init__(self, gateway: Gateway):
         self.gw = gateway
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable
 from concurrent.futures import Future
 from dataclasses import replace
@@ -27,13 +26,9 @@ from ..identity import Who, identify
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
-log = logging.getLogger("egress_guard")
-
 
 class Audit:
     """One row per CONNECT, request, WebSocket and failed or passed-through tunnel."""
-
-    name = "egress_audit"
 
     def __init__(self, gateway: Gateway):
         self.gw = gateway

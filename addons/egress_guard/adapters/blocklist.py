@@ -3,7 +3,6 @@ request headers and before any upstream connection."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
@@ -22,14 +21,10 @@ from ..flows import (
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
-log = logging.getLogger("egress_guard")
-
 
 class Blocklist:
     """Carries out blocklist decisions at CONNECT, at the start of a tunnel, at request headers
     and, as the last line, before any upstream connection."""
-
-    name = "egress_blocklist"  # mitmproxy has its own "blocklist" addon
 
     def __init__(self, gateway: Gateway):
         self.gw = gateway

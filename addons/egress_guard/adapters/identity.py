@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import http, tcp
@@ -19,13 +18,9 @@ from ..identity import Who, identify
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
-log = logging.getLogger("egress_guard")
-
 
 class Identity:
     """Who is asking, for every CONNECT and request."""
-
-    name = "egress_identity"
 
     def __init__(self, gateway: Gateway):
         self.gw = gateway

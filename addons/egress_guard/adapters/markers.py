@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -22,8 +21,6 @@ from ..scan import MarkerPolicy, ScanResult, StreamScanner
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
-
-log = logging.getLogger("egress_guard")
 
 
 class ScanGate:
@@ -68,8 +65,6 @@ class ScanGate:
 class Markers:
     """Secret-marker scanning of request bodies and client WebSocket messages: buffered
     bodies when complete, streamed ones as they pass and again, whole, at their end."""
-
-    name = "egress_markers"
 
     def __init__(self, gateway: Gateway):
         self.gw = gateway

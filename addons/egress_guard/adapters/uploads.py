@@ -3,7 +3,6 @@ pass-through tunnels."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -24,15 +23,11 @@ from ..upload import CapHit, Limits, UploadGate, check, limits_for
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
-log = logging.getLogger("egress_guard")
-
 
 class Uploads:
     """Upload caps: per request and per user window, for request bodies, WebSocket messages
     and pass-through tunnels. Decided at the headers when the size is announced, counted as
     the bytes stream otherwise."""
-
-    name = "egress_uploads"
 
     def __init__(self, gateway: Gateway):
         self.gw = gateway
