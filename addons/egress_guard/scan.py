@@ -112,7 +112,16 @@ class Hit:
     action: Action
 
 
-_MARKER, _SUPPRESS, _HIDER = 0, 1, 2
+_MARKER, _SUPPRESS = 0, 1
+# Partial matches one pass may verify before the text counts as built to stall the scanner
+# (plus one per 100 characters): ordinary text has a few per megabyte.
+CANDIDATE_BASE = 20_000
+
+
+class TooManyCandidates(Exception):
+    """Text made of marker fragments (密密密…): scanning it fully would take minutes."""
+
+
 _LINE_LEAD = frozenset(" \t\u3000•·-–—*#>0123456789.、)）(（")
 
 
@@ -192,52 +201,76 @@ class MarkerSet:
             (_SUPPRESS, i, sp) for i, phrase in enumerate(self.suppress) for sp in spellings(phrase)
         ]
         anchors = choose_anchors(sp for _, _, sp in spelled)
-        entries: dict[str, list[tuple[int, int, str, int]]] = {}
+        # Per entered key: the entries with nothing before the anchor, and the others grouped
+        # by the length and text of what must precede it, so a match costs one dict lookup
+        # per prefix length, not one comparison per spelling (密 ends hundreds of them).
+        plain: dict[str, list[tuple[int, int]]] = {}
+        before: dict[str, dict[int, dict[str, list[tuple[int, int]]]]] = {}
         for kind, idx, spelling in spelled:
             at = anchors[spelling]
             suffix = spelling[at:]
-            entries.setdefault(suffix, []).append((kind, idx, spelling[:at], len(suffix)))
+            if at:
+                table = before.setdefault(suffix, {}).setdefault(at, {})
+                table.setdefault(spelling[:at], []).append((kind, idx))
+            else:
+                plain.setdefault(suffix, []).append((kind, idx))
             self.max_pattern = max(self.max_pattern, len(spelling))
+        a = self._automaton
+        for key in plain.keys() | before.keys():
+            tables = tuple(
+                (n, {p: tuple(e) for p, e in t.items()})
+                for n, t in sorted(before.get(key, {}).items())
+            )
+            longest = max((n for n, _ in tables), default=0)
+            a.add_word(key, (False, len(key), tuple(plain.get(key, ())), tables, longest))
         # Sentinels: a hiding character right after part of an entered key means the text may
         # hide a marker there; and a full-width form of an anchor letter may spell one.
-        sentinels = {key[:j] + h for key in entries for j in range(1, len(key)) for h in _INVISIBLE}
+        keys = plain.keys() | before.keys()
+        sentinels = {key[:j] + h for key in keys for j in range(1, len(key)) for h in _INVISIBLE}
         sentinels |= {
             f
-            for ch in {k[0] for k in entries}
+            for ch in {k[0] for k in keys}
             if ch in _FULL_WIDTH
             for f in (_FULL_WIDTH[ch], _FULL_WIDTH[ch].upper())
         }
-        for key in sentinels - entries.keys():
-            entries[key] = [(_HIDER, 0, "", 1)]
-        a = self._automaton
-        for key, values in entries.items():
-            a.add_word(key, tuple(values))
+        for key in sentinels - keys:
+            a.add_word(key, (True, 1, (), (), 0))
         a.make_automaton()
 
     def _pass(self, text: str, skip_before: int) -> tuple[set[int], bool]:
         """One pass over lowercased text: marker indexes found, and whether something that can
         hide a marker was seen. Matches ending before ``skip_before`` were reported by an
-        earlier window."""
+        earlier window. Raises TooManyCandidates on text built to make matching slow."""
         found: list[tuple[int, int, int]] = []  # (start, end, marker index)
         spans: list[tuple[int, int]] = []  # suppress phrases
         hidden = False
-        for end, values in self._automaton.iter(text):
-            for kind, idx, prefix, length in values:
-                if kind == _HIDER:
-                    hidden = True
-                    continue
-                start = end - length + 1
-                if prefix:
-                    start -= len(prefix)
-                    if start < 0 or text[start : start + len(prefix)] != prefix:
-                        # The part before the anchor differs: is something hiding in it?
-                        window = text[max(0, start - len(prefix) - 8) : end - length + 1]
-                        hidden = hidden or not _INVISIBLE.isdisjoint(window)
-                        continue
-                if kind == _SUPPRESS:
-                    spans.append((start, end))
-                elif end >= skip_before:
-                    found.append((start, end, idx))
+        candidates = 0
+        limit = CANDIDATE_BASE + len(text) // 100
+
+        def record(start: int, end: int, kind: int, idx: int) -> None:
+            if kind == _SUPPRESS:
+                spans.append((start, end))
+            elif end >= skip_before:
+                found.append((start, end, idx))
+
+        for end, (is_hider, length, plain, tables, longest) in self._automaton.iter(text):
+            if is_hider:
+                hidden = True
+                continue
+            candidates += 1
+            if candidates > limit:
+                raise TooManyCandidates(f"more than {limit} partial marker matches")
+            anchor = end - length + 1
+            for kind, idx in plain:
+                record(anchor, end, kind, idx)
+            if not tables:
+                continue
+            for n, table in tables:
+                if n <= anchor and (hit := table.get(text[anchor - n : anchor])):
+                    for kind, idx in hit:
+                        record(anchor - n, end, kind, idx)
+            if not hidden:  # something invisible before the anchor may hide a longer marker
+                hidden = not _INVISIBLE.isdisjoint(text[max(0, anchor - 2 * longest - 8) : anchor])
         result: set[int] = set()
         for start, end, idx in found:
             context = self.markers[idx].context
@@ -284,7 +317,10 @@ class StreamScanner:
 
     def feed(self, text: str) -> set[int]:
         window = self.tail + lower_ascii(text)
-        new = self.markers.find(window, lowered=True, skip_before=len(self.tail)) - self.found
+        try:
+            new = self.markers.find(window, lowered=True, skip_before=len(self.tail)) - self.found
+        except TooManyCandidates:
+            new = set()  # the end-of-body verdict of an over-size body is `unscannable` anyway
         self.found |= new
         self.tail = window[-self.keep :]
         return new
@@ -389,6 +425,8 @@ def scan_body(
             found |= markers.find(text)
     except Unscannable as e:
         return ScanResult(found, str(e))
+    except TooManyCandidates as e:
+        return ScanResult(found, f"pathological text: {e}")
     return ScanResult(found)
 
 

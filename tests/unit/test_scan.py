@@ -320,3 +320,17 @@ def test_archives_that_cannot_be_opened_are_unscannable(magic):
         SHIPPED, magic + b"\x00" * 100, "application/octet-stream", "", POLICY.limits
     )
     assert "cannot be inspected" in result.unscannable
+
+
+@pytest.mark.parametrize("text", ["密" * 300_000, "机密" * 150_000, "核心商密" * 100_000])
+def test_text_built_from_marker_fragments_is_unscannable_not_a_stall(text):
+    # Each 密 is a partial match to verify; a body of nothing else would keep the scanner
+    # busy for minutes. It is cut off and gets the unscannable verdict (block by default).
+    result = scan_body(SHIPPED, text.encode(), "text/plain", "", POLICY.limits)
+    assert "pathological" in result.unscannable
+
+
+def test_ordinary_text_with_many_markers_is_still_scanned():
+    text = ("核心商密★ 季度报告，销售数据。" * 2000).encode()
+    result = scan_body(SHIPPED, text, "text/plain", "", POLICY.limits)
+    assert not result.unscannable and result.found
