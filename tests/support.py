@@ -16,3 +16,17 @@ def policy_copy(base: Path, files: dict[str, str] | None = None) -> Path:
     for name, text in (files or {}).items():
         (directory / name).write_text(text, encoding="utf-8")
     return directory
+
+
+def run_benchmark(script: str, *args: str):
+    """Run one of tests/benchmarks/*.py as its own process (bounded by a timeout)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

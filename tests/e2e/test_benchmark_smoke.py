@@ -1,30 +1,21 @@
 """The benchmark suite starts, measures both proxies and writes its report (smoke mode)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from support import REPO
+from support import run_benchmark
 
 pytestmark = pytest.mark.slow
 
 
 def test_benchmark_suite_runs_and_reports(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "benchmarks" / "run.py"),
-            "--smoke",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_benchmark(
+        "run.py",
+        "--smoke",
+        "--out",
+        str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())

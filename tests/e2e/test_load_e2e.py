@@ -3,35 +3,26 @@ several client processes; every answered request has exactly one row, the gatewa
 error, and the clients saw no failure. (tests/benchmarks/load.py runs it for minutes.)"""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from support import REPO
+from support import run_benchmark
 
 pytestmark = pytest.mark.slow
 
 
 def test_load_mix_every_answered_request_logged_once(tmp_path):
     out = tmp_path / "load.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "benchmarks" / "load.py"),
-            "--seconds",
-            "16",
-            "--clients",
-            "2",
-            "--max-requests",
-            "4000",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_benchmark(
+        "load.py",
+        "--seconds",
+        "16",
+        "--clients",
+        "2",
+        "--max-requests",
+        "4000",
+        "--json",
+        str(out),
     )
     report = json.loads(out.read_text())
     assert report["answered"] > 100, result.stdout + result.stderr[-2000:]

@@ -161,9 +161,8 @@ def test_chunked_over_cap_upload_is_cut_before_its_end(gw, upstream, tmp_path, s
     assert 0 < row["upload_bytes"] <= 2 * MiB
 
 
-def test_http2_upload_without_length_is_cut(gw, upstream):
-    # curl -T - over HTTP/2: a stream with no Content-Length, counted as it flows.
-    url = f"https://127.0.0.1:{upstream.https_port}/h2-stream"
+def h2_stream_upload(gw, url, user, data):
+    """curl -T - over HTTP/2: a request stream without Content-Length. Returns (status, version)."""
     cmd = [
         "curl",
         "-sS",
@@ -175,7 +174,7 @@ def test_http2_upload_without_length_is_cut(gw, upstream):
         "--cacert",
         str(gw.ca_pem()),
         "--proxy-user",
-        "hank:pw",
+        f"{user}:pw",
         "-T",
         "-",
         "-o",
@@ -184,10 +183,13 @@ def test_http2_upload_without_length_is_cut(gw, upstream):
         "%{http_code} %{http_version}",
         url,
     ]
-    result = subprocess.run(
-        cmd, input=os.urandom(3 * MiB), capture_output=True, timeout=60, check=False
-    )
-    assert result.stdout.decode().split()[:2] == ["413", "2"], result
+    result = subprocess.run(cmd, input=data, capture_output=True, timeout=60, check=False)
+    return result.stdout.decode().split()[:2]
+
+
+def test_http2_upload_without_length_is_cut(gw, upstream):
+    url = f"https://127.0.0.1:{upstream.https_port}/h2-stream"
+    assert h2_stream_upload(gw, url, "hank", os.urandom(3 * MiB)) == ["413", "2"]
     seen = upstream.find("/h2-stream", wait=10)
     assert seen is None or not seen.complete
     (row,) = rows_for(gw, "hank", "/h2-stream")
@@ -200,28 +202,7 @@ def test_http2_upload_without_length_arrives_whole(gw, upstream, size):
     # re-framed (chunked), not sent bare (mitmproxy 11 alone loses it).
     data = os.urandom(size)
     url = f"https://127.0.0.1:{upstream.https_port}/h2-ok-{size}"
-    cmd = [
-        "curl",
-        "-sS",
-        "--max-time",
-        "20",
-        "--http2",
-        "-x",
-        gw.proxy,
-        "--cacert",
-        str(gw.ca_pem()),
-        "--proxy-user",
-        "dave:pw",
-        "-T",
-        "-",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code} %{http_version}",
-        url,
-    ]
-    result = subprocess.run(cmd, input=data, capture_output=True, timeout=60, check=False)
-    assert result.stdout.decode().split() == ["200", "2"], result
+    assert h2_stream_upload(gw, url, "dave", data) == ["200", "2"]
     seen = upstream.find(f"/h2-ok-{size}")
     assert seen.complete and seen.body_sha256 == hashlib.sha256(data).hexdigest()
 
