@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .hosts import is_ip_literal, normalize_host, normalize_path
+from .hosts import is_ip_literal, normalize_path
 
 Action = Literal["block", "allow"]
 
@@ -116,6 +116,3 @@ class HostIndex:
     def has_path_rules(self, host: str) -> bool:
         """Whether some rule for this host depends on the path (so a tunnel must be opened)."""
         return any(entry.paths for _, entry in self._candidates(host))
-
-    def covers(self, raw_host: str) -> bool:
-        return any(True for _ in self._candidates(normalize_host(raw_host)))

@@ -160,10 +160,14 @@ def timed_request(
     return elapsed
 
 
+def form_body(size: int, seed: int) -> bytes:
+    """A url-encoded form of Chinese and English text, ``size`` bytes long."""
+    fields = {"subject": "周报", "content": sample_text(size, seed=seed)}
+    return urlencode(fields).encode()[:size]
+
+
 def form_latencies(proxy_port: int, upstream_port: int, n: int) -> list[float]:
-    body = urlencode({"subject": "周报", "content": sample_text(100_000, seed=3)}).encode()[
-        :100_000
-    ]
+    body = form_body(100_000, 3)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     return [
         timed_request(proxy_port, "POST", f"http://127.0.0.1:{upstream_port}/form", body, headers)

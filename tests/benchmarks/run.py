@@ -25,12 +25,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "e2e")]
 
-from bench_scan import bench_decoders, bench_matching, sample_text  # noqa: E402
+from bench_scan import bench_decoders, bench_matching, form_body  # noqa: E402
 from bench_upload import SinkServer, upload  # noqa: E402
 
 from harness import GatewayProcess, Upstream, start_mitmdump  # noqa: E402
@@ -191,65 +190,31 @@ def bench_proxies(mode: Mode, tmp: Path, deadline: float) -> dict:
         "mitmdump": Target("mitmdump", bare_port, bare.pid, tmp / "mitm" / "mitmproxy-ca-cert.pem"),
         "gateway": Target("gateway", gw.proxy_port, gw.proc.pid, gw.ca_pem()),
     }
-    small_form = urlencode({"subject": "周报", "content": sample_text(1_000, seed=2)}).encode()[
-        :1000
-    ]
-    big_form = urlencode({"subject": "周报", "content": sample_text(100_000, seed=3)}).encode()[
-        :100_000
-    ]
     up = upstream
+
+    def case(
+        scheme: str,
+        host: str,
+        port: int,
+        method: str = "GET",
+        path: str = "/small",
+        body: bytes | None = None,
+        fresh: bool = False,
+        expect: int = 200,
+    ) -> tuple:
+        return (scheme, host, port, method, path, body, fresh, expect)
+
     cases = {
-        "http_get_keepalive": (
-            "http",
-            "127.0.0.1",
-            up.http_port,
-            "GET",
-            "/small",
-            None,
-            False,
-            200,
+        "http_get_keepalive": case("http", "127.0.0.1", up.http_port),
+        "https_get_keepalive": case("https", "127.0.0.1", up.https_port),
+        "https_get_new_connection": case("https", "127.0.0.1", up.https_port, fresh=True),
+        "form_post_1k": case(
+            "http", "127.0.0.1", up.http_port, "POST", "/form", form_body(1_000, 2)
         ),
-        "https_get_keepalive": (
-            "https",
-            "127.0.0.1",
-            up.https_port,
-            "GET",
-            "/small",
-            None,
-            False,
-            200,
+        "form_post_100k": case(
+            "http", "127.0.0.1", up.http_port, "POST", "/form", form_body(100_000, 3)
         ),
-        "https_get_new_connection": (
-            "https",
-            "127.0.0.1",
-            up.https_port,
-            "GET",
-            "/small",
-            None,
-            True,
-            200,
-        ),
-        "form_post_1k": (
-            "http",
-            "127.0.0.1",
-            up.http_port,
-            "POST",
-            "/form",
-            small_form,
-            False,
-            200,
-        ),
-        "form_post_100k": (
-            "http",
-            "127.0.0.1",
-            up.http_port,
-            "POST",
-            "/form",
-            big_form,
-            False,
-            200,
-        ),
-        "blocked_request": ("http", "mail.qq.com", 80, "GET", "/", None, False, 403),
+        "blocked_request": case("http", "mail.qq.com", 80, expect=403),
     }
     results: dict = {}
     try:
