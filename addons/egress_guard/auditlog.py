@@ -1,5 +1,5 @@
 """Audit log: one row per request / CONNECT / tunnel, queued off the hot path, made durable in
-the on-disk spool and written to the store in batches by a background thread.
+the on-disk spool by one thread and written to the store in batches by another.
 
 Rows lost in a crash (kill -9): only those still in the in-memory queue, i.e. of the last
 ``flush_interval`` (0.5 s); with ``sync`` none of a request that was answered (its response
@@ -95,14 +95,15 @@ def unpack_rows(payload: bytes) -> list[tuple[Any, ...]]:
 
 
 class AuditLog:
-    """Bounded queue → durable spool → store.
+    """Bounded queue → durable spool → store, on two threads.
 
-    The proxy calls ``submit`` (never blocks). The writer thread takes batches (up to
-    ``batch_rows`` or every ``flush_interval``), appends each to the spool with one fsync, and
-    then inserts the spooled batches into the store in order, each with its deduplication
-    token; a batch leaves the spool only once the store has it. With ``sync=True`` ``submit``
-    returns a future that completes when the row is on disk, for callers that must not answer
-    before their row is durable.
+    The proxy calls ``submit`` (never blocks). The spool thread takes batches (up to
+    ``batch_rows`` or every ``flush_interval``) and appends each to the spool with one fsync.
+    The store thread inserts the spooled batches into the store in order, each with its
+    deduplication token; a batch leaves the spool only once the store has it. Two threads, so
+    that a store that hangs (a firewalled server answers nothing until a timeout) never holds
+    up the spool. With ``sync=True`` ``submit`` returns a future that completes when the row is
+    on disk, for callers that must not answer before their row is durable.
     """
 
     def __init__(
@@ -129,8 +130,15 @@ class AuditLog:
         self._on_written = on_written
         self._on_dropped = on_dropped
         self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, name="egress-guard-auditlog", daemon=True)
+        self._spool_thread = threading.Thread(
+            target=self._run_spool, name="egress-guard-audit-spool", daemon=True
+        )
+        self._store_thread = threading.Thread(
+            target=self._run_store, name="egress-guard-audit-store", daemon=True
+        )
         self._closing = threading.Event()
+        self._spooled_all = threading.Event()  # the spool thread has taken its last batch
+        self._wake_store = threading.Event()
         self._retry_at = 0.0
         self._backoff = 0.2
         self.written = 0
@@ -145,7 +153,8 @@ class AuditLog:
         return self.spool_ok and self._queue.qsize() < self._queue.maxsize
 
     def start(self) -> None:
-        self._thread.start()
+        self._spool_thread.start()
+        self._store_thread.start()
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -170,8 +179,12 @@ class AuditLog:
         self._closing.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._spool_thread.is_alive():
+            self._spool_thread.join(timeout)
+        # The store thread hands over what it can for up to 10 s; one stuck in a hung
+        # server's call is left behind (a daemon): its rows are in the spool for next start.
+        if self._store_thread.is_alive():
+            self._store_thread.join(min(timeout, 12.0))
         self.spool.close()
 
     def _take_batch(self) -> tuple[list[tuple[RequestRow, Future[None] | None]], bool]:
@@ -209,6 +222,7 @@ class AuditLog:
         for _, done in batch:
             if done is not None:
                 done.set_result(None)
+        self._wake_store.set()
 
     def _drain(self, budget: float) -> None:
         """Insert spooled batches into the store, oldest first, for at most ``budget`` s."""
@@ -238,18 +252,25 @@ class AuditLog:
             if time.monotonic() > deadline:
                 return
 
-    def _run(self) -> None:
-        self._drain(budget=60.0)  # what a previous run left in the spool goes first
+    def _run_spool(self) -> None:
         while True:
             batch, stop = self._take_batch()
             if batch:
                 self._spool(batch)
-            self._drain(budget=1.0)
             if stop:
-                deadline = time.monotonic() + 10
-                while any(True for _ in self.spool.pending()) and time.monotonic() < deadline:
-                    self._retry_at = 0.0
-                    self._drain(budget=5.0)
-                    if not self.store_ok:
-                        time.sleep(0.2)
+                self._spooled_all.set()
+                self._wake_store.set()
                 return
+
+    def _run_store(self) -> None:
+        self._drain(budget=60.0)  # what a previous run left in the spool goes first
+        while not self._spooled_all.is_set():
+            self._wake_store.wait(timeout=self._flush_interval)
+            self._wake_store.clear()
+            self._drain(budget=1.0)
+        deadline = time.monotonic() + 10
+        while any(True for _ in self.spool.pending()) and time.monotonic() < deadline:
+            self._retry_at = 0.0
+            self._drain(budget=5.0)
+            if not self.store_ok:
+                time.sleep(0.2)

@@ -1,7 +1,9 @@
-"""CLI: ``egress-guard run | ca export | check-policy | policy import-ut1 | audit query``.
+"""CLI: ``egress-guard run | ca export | check-policy | policy import-ut1 | account … |
+audit query``.
 
 ``run`` owns the store (the embedded engine opens its directory in one process only); the
-audit commands talk to that process's admin API over HTTP, in embedded and server mode alike.
+audit commands talk to that process's admin API over HTTPS, in embedded and server mode alike.
+``account`` edits the account file on the gateway host; the running gateway re-reads it.
 Every option of ``run`` can also come from an ``EGRESS_GUARD_<NAME>`` environment variable.
 """
 
@@ -13,10 +15,13 @@ import io
 import json
 import signal
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import click
 
 from . import __version__
 from .policy import PolicyError, default_policy_dir, dump_yaml, load_policy
-from .store import StoreError
+from .store import SUMMARY_COLUMNS, StoreError
 from .units import parse_size
 
 DATA_DIR_OPTION = click.option(
@@ -186,7 +191,7 @@ async def _serve(
     from mitmproxy import exceptions, options
     from mitmproxy.tools.dump import DumpMaster
 
-    from .gateway import make_addons
+    from .gateway import make_addons, quiet_cancelled_clients
 
     opts = options.Options(confdir=str(data_dir / "mitmproxy"))
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
@@ -204,6 +209,7 @@ async def _serve(
     try:
         await master.run()  # mitmproxy exits 1 itself on startup errors (e.g. port in use)
     finally:
+        loop.set_exception_handler(quiet_cancelled_clients)
         gateway.stop()
     return 0
 
@@ -278,28 +284,134 @@ def import_ut1(category: str, source: io.TextIOBase, output: io.TextIOBase) -> N
     )
 
 
-# --- audit -----------------------------------------------------------------------------------
+# --- account ---------------------------------------------------------------------------------
 
-TABLE_COLUMNS = (
-    "ts",
-    "user",
-    "client_ip",
-    "method",
-    "host",
-    "path",
-    "status",
-    "decision",
-    "rule_id",
-    "request_id",
+
+@main.group()
+def account() -> None:
+    """Console and API accounts (run on the gateway host; the gateway picks changes up)."""
+
+
+def _book(data_dir: Path) -> Any:
+    from .accounts import AccountBook, accounts_path
+
+    return AccountBook(accounts_path(_data_dir(data_dir)))
+
+
+def _new_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@contextmanager
+def _account_errors() -> Iterator[None]:
+    from .accounts import AccountError
+
+    try:
+        yield
+    except AccountError as e:
+        raise click.ClickException(str(e)) from None
+
+
+ROLE_OPTION = click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    required=True,
+    type=click.Choice(["admin", "approver", "auditor"]),
+    help="A role; repeat for several. Roles are separate powers: none implies another.",
 )
 
 
-def _admin_request(admin: str, token: str, path: str, params: dict[str, str]) -> Any:
-    base = admin if "://" in admin else f"http://{admin}"
+@account.command("add")
+@click.argument("name")
+@ROLE_OPTION
+@click.option("--no-password", is_flag=True, help="API token only, no console login.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@DATA_DIR_OPTION
+def account_add(
+    name: str, roles: tuple[str, ...], no_password: bool, password_stdin: bool, data_dir: Path
+) -> None:
+    """Create account NAME with the given roles."""
+    with _account_errors():
+        password = None if no_password else _new_password(password_stdin)
+        _book(data_dir).add(name, roles, password)
+    click.echo(f"account {name} created with roles {', '.join(sorted(set(roles)))}")
+
+
+@account.command("roles")
+@click.argument("name")
+@ROLE_OPTION
+@DATA_DIR_OPTION
+def account_roles(name: str, roles: tuple[str, ...], data_dir: Path) -> None:
+    """Replace the roles of account NAME (takes effect at its next request)."""
+    with _account_errors():
+        _book(data_dir).set_roles(name, roles)
+    click.echo(f"account {name} now has roles {', '.join(sorted(set(roles)))}")
+
+
+@account.command("password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@DATA_DIR_OPTION
+def account_password(name: str, password_stdin: bool, data_dir: Path) -> None:
+    """Set a new password for NAME; its open console sessions end."""
+    with _account_errors():
+        _book(data_dir).set_password(name, _new_password(password_stdin))
+    click.echo(f"password of {name} changed")
+
+
+@account.command("token")
+@click.argument("name")
+@click.option("--revoke", is_flag=True, help="Revoke all of NAME's tokens instead.")
+@DATA_DIR_OPTION
+def account_token(name: str, revoke: bool, data_dir: Path) -> None:
+    """Issue an API token for NAME (printed once; only its hash is kept)."""
+    with _account_errors():
+        if revoke:
+            _book(data_dir).revoke_tokens(name)
+            click.echo(f"all API tokens of {name} revoked", err=True)
+        else:
+            click.echo(_book(data_dir).issue_token(name))
+
+
+@account.command("remove")
+@click.argument("name")
+@DATA_DIR_OPTION
+def account_remove(name: str, data_dir: Path) -> None:
+    """Remove account NAME; its sessions and tokens stop working."""
+    with _account_errors():
+        _book(data_dir).remove(name)
+    click.echo(f"account {name} removed")
+
+
+@account.command("list")
+@DATA_DIR_OPTION
+def account_list(data_dir: Path) -> None:
+    """List accounts, their roles, and whether they can log in or hold tokens."""
+    with _account_errors():
+        accounts = _book(data_dir).all()
+    for a in accounts:
+        login = "password" if a.password_hash else "no password"
+        click.echo(
+            f"{a.name:<24} {','.join(sorted(a.roles)):<24} {login:<12} "
+            f"{len(a.token_digests)} token(s)"
+        )
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+def _admin_request(
+    admin: str, token: str, path: str, params: dict[str, str], ca_cert: Path | None
+) -> Any:
+    base = admin if "://" in admin else f"https://{admin}"
     url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as e:
         try:
@@ -313,19 +425,17 @@ def _admin_request(admin: str, token: str, path: str, params: dict[str, str]) ->
         ) from None
 
 
-def _token(token: str | None, data_dir: Path) -> str:
-    if token:
-        return token
-    from .console import token_path
+def _text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    path = token_path(_data_dir(data_dir))
-    try:
-        return path.read_text().strip()
-    except OSError:
-        raise click.ClickException(
-            f"no admin token: pass --token or EGRESS_GUARD_ADMIN_TOKEN, or --data-dir of the "
-            f"gateway (looked for {path})"
-        ) from None
+
+def _ca_cert(ca_cert: Path | None, data_dir: Path) -> Path | None:
+    """The CA that signs the console's certificate: given, else the gateway's own in the data
+    directory when this runs on the gateway host, else the system's trust store."""
+    if ca_cert is not None:
+        return ca_cert
+    own = _data_dir(data_dir) / "mitmproxy" / "mitmproxy-ca-cert.pem"
+    return own if own.exists() else None
 
 
 @main.group()
@@ -343,9 +453,15 @@ def audit() -> None:
 )
 @click.option(
     "--token",
-    envvar="EGRESS_GUARD_ADMIN_TOKEN",
-    default=None,
-    help="Admin bearer token [default: read from DATA_DIR/admin-token].",
+    envvar="EGRESS_GUARD_TOKEN",
+    required=True,
+    help="An auditor's API token (egress-guard account token NAME).",
+)
+@click.option(
+    "--ca-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="EGRESS_GUARD_CA_CERT",
+    help="CA certificate of the console [default: the gateway's CA in DATA_DIR].",
 )
 @DATA_DIR_OPTION
 @click.option("--user", help="Exactly this user.")
@@ -361,10 +477,12 @@ def audit() -> None:
     default="table",
     show_default=True,
 )
-def audit_query(admin: str, token: str | None, data_dir: Path, fmt: str, **filters: Any) -> None:
-    """List request-log rows, newest first."""
+def audit_query(
+    admin: str, token: str, ca_cert: Path | None, data_dir: Path, fmt: str, **filters: Any
+) -> None:
+    """List request-log rows, newest first (needs the auditor role)."""
     params = {k: str(v) for k, v in filters.items() if v is not None}
-    result = _admin_request(admin, _token(token, data_dir), "/api/v1/requests", params)
+    result = _admin_request(admin, token, "/api/v1/requests", params, _ca_cert(ca_cert, data_dir))
     rows: list[dict[str, Any]] = result["rows"]
     if fmt == "json":
         click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
@@ -379,9 +497,9 @@ def audit_query(admin: str, token: str | None, data_dir: Path, fmt: str, **filte
                 )
         click.echo(out.getvalue(), nl=False)
     else:
-        table = [[str(row.get(c, "")) for c in TABLE_COLUMNS] for row in rows]
-        widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(TABLE_COLUMNS)]
-        click.echo("  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True)))
+        table = [[_text(row.get(c, "")) for c in SUMMARY_COLUMNS] for row in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(SUMMARY_COLUMNS)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(SUMMARY_COLUMNS, widths, strict=True)))
         for r in table:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
         click.echo(f"({len(rows)} rows)", err=True)

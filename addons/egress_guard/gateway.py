@@ -30,6 +30,7 @@ from mitmproxy import connection, ctx
 from mitmproxy.addonmanager import Loader
 
 from . import bodygate, console, metrics
+from .accounts import AccountBook, accounts_path
 from .adapters.audit import Audit
 from .adapters.blocklist import Blocklist
 from .adapters.identity import Identity
@@ -67,6 +68,15 @@ class GatewayConfig:
     @property
     def dsn(self) -> str:
         return self.clickhouse or default_dsn(self.data_dir)
+
+
+def quiet_cancelled_clients(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """After mitmproxy's run ends, asyncio cancels the tasks of clients still connected, and
+    Python 3.11's stream callback reports each CancelledError with a traceback (fixed in
+    3.12). Those are not errors; everything else goes to the default handler."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:
@@ -116,8 +126,16 @@ class Gateway:
         policy = load_policy(config.policies)
         self.watcher = PolicyWatcher(config.policies, policy)
         self.store = Store(config.dsn)
-        self.store.migrate()
-        self.store.ensure_retention(policy.retention_months)
+        store_note = ""
+        try:
+            self.store.open_schema(policy.retention_months)
+        except Exception as e:
+            # The embedded store is a local directory: failing is fatal. A server may simply
+            # be down; the proxy starts and its rows wait in the spool until it answers.
+            if self.store.embedded:
+                raise
+            store_note = f"; UNREACHABLE now ({e}), rows are spooled until it answers"
+            log.error("store unreachable at start, rows are spooled until it answers: %s", e)
         spool = Spool(
             config.data_dir / "spool",
             max_bytes=config.spool_max,
@@ -134,17 +152,19 @@ class Gateway:
         )
         metrics.AUDIT_QUEUE_DEPTH.set_function(self.audit.depth)
         self._publish_policy(policy)
-        self._seed_windows()
+        if self.store.schema_ready:
+            self._seed_windows()
         self.audit.start()
         kind = "embedded" if self.store.embedded else "server"
         return [
             f"policy   {config.policies} ({policy.summary()})",
             f"store    {describe_dsn(config.dsn)} ({kind}), request log kept "
-            f"{policy.retention_months} months",
+            f"{policy.retention_months} months{store_note}",
         ]
 
-    def start_servers(self) -> list[str]:
-        """Admin API and metrics; called on the running event loop."""
+    def start_servers(self, confdir: Path) -> list[str]:
+        """Console, admin API and metrics; called on the running event loop. ``confdir`` holds
+        mitmproxy's CA, which signs the console's certificate."""
         # The proxy's loop shares the GIL with the log writer and the servers' threads; a
         # shorter switch interval than CPython's 5 ms keeps a busy writer from holding a
         # request up for a whole interval.
@@ -158,12 +178,20 @@ class Gateway:
         if self.config.admin:
             host, port = parse_listen(self.config.admin, "--admin")
             token, created = console.ensure_admin_token(self.config.data_dir)
-            ctx_ = console.AdminContext(token=token, store=self.store, status=self.status)
-            self._servers.append(console.serve(ctx_, host, port))
+            console_ctx = console.ConsoleContext(
+                bootstrap_token=token,
+                accounts=AccountBook(accounts_path(self.config.data_dir)),
+                store=self.store,
+                status=self.status,
+                node=self.node,
+            )
+            tls = console.tls_context(confdir, self.config.data_dir, host)
+            self._servers.append(console.serve(console_ctx, host, port, tls))
             where = console.token_path(self.config.data_dir)
+            url_host = f"[{host}]" if ":" in host else host
             lines.append(
-                f"admin    http://{host}:{port}/api/v1/ (bearer token in {where}"
-                f"{', created now' if created else ''}; the CLI reads it from there)"
+                f"console  https://{url_host}:{port}/ and API /api/v1/ (bootstrap admin token in "
+                f"{where}{', created now' if created else ''}; accounts: egress-guard account)"
             )
         loop = asyncio.get_running_loop()
         self.warm_scan_pool()
@@ -253,6 +281,8 @@ class Gateway:
                 "queued": self.audit.depth(),
                 "written": self.audit.written,
                 "dropped": self.audit.dropped,
+                "store_ok": self.audit.store_ok and bool(self.store and self.store.schema_ready),
+                "spool_bytes": self.audit.spool.size(),
             },
         }
 
@@ -307,9 +337,12 @@ class Gateway:
             if result == "reloaded":
                 self._publish_policy(self.policy)
                 assert self.store is not None
-                await loop.run_in_executor(
-                    None, self.store.ensure_retention, self.policy.retention_months
-                )
+                try:
+                    await loop.run_in_executor(
+                        None, self.store.open_schema, self.policy.retention_months
+                    )
+                except Exception as e:  # a store that is down gets it when it is back
+                    log.error("cannot set the retention in the store now: %s", e)
                 log.warning("policy reloaded: %s", self.policy.summary())
             else:
                 assert self.watcher.last_error is not None
@@ -413,7 +446,7 @@ class Setup:
                 log.error("cannot start egress-guard: %s", e)
                 ctx.master.shutdown()
                 return
-        for line in self.gw.start_servers():
+        for line in self.gw.start_servers(Path(ctx.options.confdir).expanduser()):
             print(line, flush=True)
         print("egress-guard ready", flush=True)
 

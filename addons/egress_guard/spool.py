@@ -13,6 +13,7 @@ A frame whose checksum fails is skipped (reported); a torn frame at the end of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -74,7 +75,12 @@ class Spool:
         return self.dir / f"{segment:012d}{_SEGMENT_SUFFIX}"
 
     def size(self) -> int:
-        return sum(self._path(s).stat().st_size for s in self.segments() if self._path(s).exists())
+        total = 0
+        for segment in self.segments():
+            # committed and deleted by the store thread meanwhile: nothing to count
+            with contextlib.suppress(FileNotFoundError):
+                total += self._path(segment).stat().st_size
+        return total
 
     def checkpoint(self) -> tuple[int, int]:
         """(segment, offset) up to which everything is in the store."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,6 +58,37 @@ REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("window_bytes", "UInt64"),  # bytes counted towards the user's rolling upload window
 )
 COLUMN_NAMES = tuple(name for name, _ in REQUEST_COLUMNS)
+# The columns a person reads first: the CLI table and the console page show these.
+SUMMARY_COLUMNS = (
+    "ts",
+    "user",
+    "client_ip",
+    "method",
+    "host",
+    "path",
+    "status",
+    "decision",
+    "reason_kind",
+    "rule_id",
+    "marker_levels",
+    "upload_bytes",
+    "request_id",
+)
+
+# Who did what in the console and the admin API: logins, refusals, and every read of the
+# request log (an auditor's query names whose traffic was looked at). Kept as long as the log.
+CONSOLE_EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ts", "DateTime64(3, 'UTC')"),
+    ("node", "LowCardinality(String)"),
+    ("actor", "String"),  # account name, or the name that was tried at a failed login
+    ("roles", "Array(LowCardinality(String))"),
+    ("via", "LowCardinality(String)"),  # session | token | login
+    ("client_ip", "String"),
+    ("action", "LowCardinality(String)"),
+    ("outcome", "LowCardinality(String)"),  # ok | denied | failed | locked
+    ("detail", "String"),  # e.g. the filters of a request-log query, as JSON
+)
+CONSOLE_EVENT_NAMES = tuple(name for name, _ in CONSOLE_EVENT_COLUMNS)
 
 
 _V1_COLUMNS = REQUEST_COLUMNS[: [n for n, _ in REQUEST_COLUMNS].index("declared_bytes")]
@@ -70,6 +102,16 @@ def _requests_ddl() -> str:
         f"CREATE TABLE IF NOT EXISTS requests (\n  {cols}\n)\n"
         "ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\n"
         "ORDER BY (toStartOfDay(ts), user, host, ts)\n"
+        f"TTL toDateTime(ts) + INTERVAL {RETENTION_MIN_MONTHS} MONTH\n"
+        "SETTINGS ttl_only_drop_parts = 1"
+    )
+
+
+def _console_events_ddl() -> str:
+    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in CONSOLE_EVENT_COLUMNS)
+    return (
+        f"CREATE TABLE IF NOT EXISTS console_events (\n  {cols}\n)\n"
+        "ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, actor)\n"
         f"TTL toDateTime(ts) + INTERVAL {RETENTION_MIN_MONTHS} MONTH\n"
         "SETTINGS ttl_only_drop_parts = 1"
     )
@@ -91,6 +133,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "insert deduplication window (spool replays never duplicate rows)",
         ("ALTER TABLE requests MODIFY SETTING non_replicated_deduplication_window = 10000",),
     ),
+    (4, "console events table", (_console_events_ddl(),)),
 )
 
 
@@ -135,25 +178,62 @@ class Store:
     def __init__(self, dsn: str):
         self.dsn = dsn
         self.embedded = dsn.startswith("chdb://")
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._retention: int | None = None  # set by open_schema; the schema is ready when set
+        self.schema_ready = False
         if self.embedded:
             Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-        try:
-            self._client = clickhouse_connect.get_client(dsn=dsn)
-        except Exception as e:
-            raise StoreError(f"cannot open store {describe_dsn(dsn)}: {e}") from e
-        self._lock = threading.Lock()
+            with self._lock:
+                self._connected()  # a local directory: a failure here is fatal at once
+
+    def _connected(self) -> Any:
+        """The client, connecting first if need be (a server may be down now and up later).
+        Call with the lock held."""
+        if self._client is None:
+            # A server that is down or firewalled must fail a call in seconds, not minutes:
+            # the log writer retries from the spool.
+            # The DSN may set its own (``?send_receive_timeout=60``).
+            given = set(urllib.parse.parse_qs(urllib.parse.urlsplit(self.dsn).query))
+            defaults = {} if self.embedded else {"connect_timeout": 5, "send_receive_timeout": 30}
+            kwargs = {k: v for k, v in defaults.items() if k not in given}
+            try:
+                self._client = clickhouse_connect.get_client(dsn=self.dsn, **kwargs)
+            except Exception as e:
+                raise StoreError(f"cannot open store {describe_dsn(self.dsn)}: {e}") from e
+        return self._client
 
     def close(self) -> None:
-        with self._lock:
-            self._client.close()
+        # A call stuck on a hung server holds the lock until its timeout; shutting down must
+        # not wait for it.
+        if not self._lock.acquire(timeout=5):
+            return
+        try:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+        finally:
+            self._lock.release()
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:
-            return self._client.command(sql, parameters=parameters)
+            return self._connected().command(sql, parameters=parameters)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._client.query(sql, parameters=parameters).result_rows
+            return self._connected().query(sql, parameters=parameters).result_rows
+
+    def open_schema(self, retention_months: int) -> None:
+        """Migrate and set the retention. If the server cannot be reached, the writer calls
+        this again before its next insert, so a gateway can start while ClickHouse is down."""
+        self._retention = int(retention_months)
+        self.migrate()
+        self.ensure_retention(self._retention)
+        self.schema_ready = True
+
+    def _ensure_schema(self) -> None:
+        if not self.schema_ready and self._retention is not None:
+            self.open_schema(self._retention)
 
     # --- schema ---
 
@@ -172,16 +252,19 @@ class Store:
             for sql in statements:
                 self.command(sql)
             with self._lock:
-                self._client.insert(
+                self._connected().insert(
                     "schema_migrations", [[version, name]], column_names=["version", "name"]
                 )
             applied.append(version)
         return applied
 
-    def retention_months(self) -> int | None:
+    RETAINED_TABLES = ("requests", "console_events")
+
+    def retention_months(self, table: str = "requests") -> int | None:
         rows = self.query(
             "SELECT engine_full FROM system.tables WHERE database = currentDatabase() "
-            "AND name = 'requests'"
+            "AND name = {table:String}",
+            {"table": table},
         )
         if not rows:
             return None
@@ -189,18 +272,24 @@ class Store:
         return int(m.group(1)) if m else None
 
     def ensure_retention(self, months: int) -> bool:
-        """Set the request log's TTL; True when it changed. Below six months is refused."""
+        """Set the TTL of the request log and the console events; True when it changed.
+        Below six months is refused."""
         months = int(months)
         if months < RETENTION_MIN_MONTHS:
             raise StoreError(
                 f"retention of {months} months refused: the request log must be kept at least "
                 f"{RETENTION_MIN_MONTHS} months"
             )
-        if self.retention_months() == months:
-            return False
-        # DDL takes no bind parameters; months is a validated int, not request text.
-        self.command(f"ALTER TABLE requests MODIFY TTL toDateTime(ts) + INTERVAL {months} MONTH")
-        return True
+        changed = False
+        for table in self.RETAINED_TABLES:
+            if self.retention_months(table) != months:
+                # DDL takes no bind parameters; months is a validated int and the table name
+                # a constant, not request text.
+                self.command(
+                    f"ALTER TABLE {table} MODIFY TTL toDateTime(ts) + INTERVAL {months} MONTH"
+                )
+                changed = True
+        return changed
 
     # --- rows ---
 
@@ -209,9 +298,10 @@ class Store:
         (the table keeps a deduplication window), so a replay never writes a row twice."""
         if faults.active("store-down"):
             raise StoreError("store unavailable (injected fault)")
+        self._ensure_schema()
         settings = {"insert_deduplication_token": token} if token else None
         with self._lock:
-            self._client.insert("requests", rows, column_names=COLUMN_NAMES, settings=settings)
+            self._connected().insert("requests", rows, column_names=COLUMN_NAMES, settings=settings)
 
     def window_usage(self, since: datetime, node: str, own: bool) -> list[tuple[str, int, int]]:
         """(user key, unix second, bytes) counted towards upload windows since ``since``, from
@@ -225,6 +315,30 @@ class Store:
             {"since": since, "node": node},
         )
         return [(str(w), int(sec), int(n)) for w, sec, n in rows]
+
+    def insert_console_event(self, row: Sequence[Any]) -> None:
+        if faults.active("store-down"):
+            raise StoreError("store unavailable (injected fault)")
+        self._ensure_schema()
+        with self._lock:
+            self._connected().insert("console_events", [row], column_names=CONSOLE_EVENT_NAMES)
+
+    def query_console_events(
+        self, since: datetime | None, actor: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        where = ["1"]
+        params: dict[str, Any] = {"limit": max(1, min(int(limit), MAX_QUERY_ROWS))}
+        if since is not None:
+            where.append("ts >= {since:DateTime64(3, 'UTC')}")
+            params["since"] = since
+        if actor is not None:
+            where.append("actor = {actor:String}")
+            params["actor"] = actor
+        sql = (
+            f"SELECT {', '.join(f'`{c}`' for c in CONSOLE_EVENT_NAMES)} FROM console_events "
+            f"WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT {{limit:UInt32}}"
+        )
+        return [dict(zip(CONSOLE_EVENT_NAMES, r, strict=True)) for r in self.query(sql, params)]
 
     def query_requests(self, f: RequestFilter) -> list[dict[str, Any]]:
         where = ["1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import ipaddress
 import json
 import os
@@ -24,6 +25,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from egress_guard.accounts import AccountBook, accounts_path
 
 PAYLOAD = random.Random(20261121).randbytes(300_000)  # what GET /payload serves
 READY_LINE = "egress-guard ready"
@@ -188,6 +191,7 @@ class GatewayProcess:
     admin_port: int = 0
     metrics_port: int = 0
     proc: subprocess.Popen[str] | None = None
+    auditor_token: str = ""  # an API token of the account "e2e-auditor" (role auditor)
     output: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
 
@@ -239,6 +243,11 @@ class GatewayProcess:
         return cmd + [a for s in sets for a in ("--set", s)] + list(self.extra_args), env
 
     def start(self, timeout: float = 60) -> GatewayProcess:
+        if not self.auditor_token:
+            book = AccountBook(accounts_path(self.data_dir))
+            if book.get("e2e-auditor") is None:
+                book.add("e2e-auditor", ["auditor"])
+            self.auditor_token = book.issue_token("e2e-auditor")
         self.proxy_port, self.admin_port, self.metrics_port = free_port(), free_port(), free_port()
         self._ready.clear()
         cmd, env = self.command()
@@ -274,8 +283,45 @@ class GatewayProcess:
             path.write_text(pem)
         return path
 
+    def admin_context(self) -> ssl.SSLContext:
+        """Trusts the gateway's CA, which signs the console's certificate."""
+        return ssl.create_default_context(cafile=str(self.ca_pem()))
+
+    def admin_call(
+        self,
+        path: str,
+        token: str | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        source: str | None = None,
+    ) -> Reply:
+        """One request to the console/admin API over TLS, redirects not followed; ``token``
+        None sends no credential; ``source`` is another loopback address to come from.
+        Repeated headers (Set-Cookie) are joined by newlines."""
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1",
+            self.admin_port,
+            timeout=30,
+            context=self.admin_context(),
+            source_address=(source, 0) if source else None,
+        )
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        try:
+            conn.request(method, path, body=body, headers=sent)
+            resp = conn.getresponse()
+            got: dict[str, str] = {}
+            for key, value in resp.getheaders():
+                key = key.lower()
+                got[key] = f"{got[key]}\n{value}" if key in got else value
+            return Reply(resp.status, got, resp.read())
+        finally:
+            conn.close()
+
     def audit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`egress-guard audit query` against this gateway."""
+        """`egress-guard audit query` against this gateway, as the e2e auditor."""
         return cli(
             "audit",
             "query",
@@ -283,6 +329,8 @@ class GatewayProcess:
             self.admin,
             "--data-dir",
             str(self.data_dir),
+            "--token",
+            self.auditor_token,
             *args,
             check=check,
         )
@@ -337,9 +385,16 @@ def egress_guard_bin() -> str:
     return found or "egress-guard"
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [egress_guard_bin(), *args], capture_output=True, text=True, timeout=120, check=False
+        [egress_guard_bin(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        input=stdin,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"egress-guard {' '.join(args)} failed:\n{result.stderr}")
@@ -354,8 +409,11 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
-    exit_code: int
-    stderr: str
+    exit_code: int = 0
+    stderr: str = ""
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 def curl(

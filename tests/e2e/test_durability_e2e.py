@@ -4,15 +4,17 @@ full. Rows are counted exactly against what the clients saw answered."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import signal
+import socket
 import threading
 import time
 
 import pytest
 
 from egress_guard.store import Store, default_dsn
-from harness import GatewayProcess, curl
+from harness import GatewayProcess, curl, free_port
 from support import policy_copy
 
 pytestmark = pytest.mark.slow
@@ -120,6 +122,66 @@ def test_store_unavailable_mid_run_loses_nothing_and_duplicates_nothing(gateway,
     for prefix, n in (("/before-", 10), ("/during-", 40), ("/after-", 10)):
         paths = stored_paths(gw.data_dir, prefix)
         assert len(paths) == n and len(set(paths)) == n, prefix
+
+
+class Blackhole:
+    """A hung or firewalled ClickHouse server: accepts connections and never answers."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while len(self.held) < 1000:  # bounded
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for s in [*self.held, self.sock]:
+            s.close()
+
+
+def test_a_down_or_hung_clickhouse_server_never_stops_the_proxy_and_loses_nothing(
+    gateway, upstream
+):
+    port = free_port()  # first nothing listens there: a stopped server
+    # A read timeout far longer than any client waits: a hung store call must not matter.
+    dsn = f"http://default:@127.0.0.1:{port}/default?connect_timeout=1&send_receive_timeout=120"
+    # Every response waits for its row on disk, never for the store.
+    gw = gateway("--clickhouse", dsn, "--audit-sync", "request")
+    assert "UNREACHABLE now" in gw.text()
+
+    def get(i: int) -> int:
+        return curl(f"http://127.0.0.1:{upstream.http_port}/down-{i}", gw.proxy).status
+
+    assert [get(i) for i in range(10)] == [200] * 10
+    token = (gw.data_dir / "admin-token").read_text().strip()
+    audit = gw.admin_call("/api/v1/status", token).json()["audit"]
+    assert audit["store_ok"] is False and audit["spool_bytes"] > 0
+    refused = gw.admin_call("/api/v1/requests", gw.auditor_token)
+    assert refused.status == 503 and "store unavailable" in refused.json()["error"]
+
+    hole = Blackhole(port)  # now the server accepts and never answers
+    try:
+        deadline = time.monotonic() + 30
+        while not hole.held:  # the log writer's next retry connects, then hangs
+            assert time.monotonic() < deadline, "the writer never retried"
+            time.sleep(0.1)
+        assert [get(i) for i in range(10, 30)] == [200] * 20
+        assert gw.stop() == 0
+    finally:
+        hole.close()
+    assert "Traceback" not in gw.text()
+    # The spool kept every row: the same data directory on a working (embedded) engine
+    # replays them, once each.
+    gw = gateway()
+    gw.wait_rows(lambda rs: len([r for r in rs if r["path"].startswith("/down-")]) == 30)
+    assert gw.stop() == 0
+    assert sorted(stored_paths(gw.data_dir, "/down-")) == sorted(f"/down-{i}" for i in range(30))
 
 
 def test_sigkill_mid_load_loses_no_answered_request_in_request_sync_mode(gateway, upstream):

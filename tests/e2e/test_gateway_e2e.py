@@ -56,7 +56,7 @@ def assert_block_page(reply, rule_id, category):
 def test_startup_banner_names_listeners_policy_and_store(gw):
     text = gw.text()
     assert f"127.0.0.1:{gw.proxy_port}" in text
-    assert f"http://127.0.0.1:{gw.admin_port}/api/v1/" in text
+    assert f"https://127.0.0.1:{gw.admin_port}/ and API /api/v1/" in text
     assert f"http://127.0.0.1:{gw.metrics_port}/metrics" in text
     assert "webmail:" in text and "cloud_drive:" in text
     assert f"chdb://{gw.data_dir.resolve()}/clickhouse (embedded)" in text
@@ -232,16 +232,22 @@ def test_audit_query_filters_and_formats(gw, upstream):
     assert bad.returncode != 0 and "not a time" in bad.stderr
 
 
-@pytest.mark.parametrize("path", ["/api/v1/requests", "/api/v1/status", "/no/such/thing"])
+API_PATHS = ["/api/v1/requests", "/api/v1/status", "/api/v1/whoami", "/api/v1/console-events"]
+
+
+@pytest.mark.parametrize("path", [*API_PATHS, "/api/v1/no/such/thing"])
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_admin_api_never_answers_unauthenticated(gw, path, token):
-    req = urllib.request.Request(f"http://{gw.admin}{path}")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
-    assert err.value.code == 401
-    assert b"rows" not in err.value.read()
+    reply = gw.admin_call(path, token)
+    assert reply.status == 401
+    assert b"rows" not in reply.body and b"policy" not in reply.body
+
+
+@pytest.mark.parametrize("path", ["/", "/requests", "/requests?user=alice", "/no/such/page"])
+def test_console_pages_send_strangers_to_the_login_page(gw, path):
+    reply = gw.admin_call(path)
+    assert reply.status == 302 and reply.headers["location"] == "/login"
+    assert reply.body == b""
 
 
 def test_metrics_count_requests_by_decision(gw, upstream):

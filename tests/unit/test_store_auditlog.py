@@ -1,5 +1,6 @@
 """The store (real embedded ClickHouse) and the audit writer that feeds it."""
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -36,7 +37,7 @@ def row(i, **kw):
 def test_migrations_are_versioned_and_idempotent(store):
     assert store.migrate() == []
     versions = store.query("SELECT version FROM schema_migrations ORDER BY version")
-    assert versions == [(1,), (2,), (3,)]
+    assert versions == [(1,), (2,), (3,), (4,)]
     columns = [
         r[0]
         for r in store.query(
@@ -158,6 +159,39 @@ def test_sync_mode_resolves_once_the_row_is_on_disk(store, tmp_path):
     assert any(True for _ in Spool(tmp_path / "spool").pending()) or count(store) == 1
     log.close()
     assert count(store) == 1
+
+
+def test_a_hung_store_never_holds_up_the_spool(store, tmp_path):
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hung_insert(rows, token):
+        entered.set()
+        release.wait(30)  # a server that accepted the call and answers nothing
+        store.insert_requests(rows, token)
+
+    log = AuditLog(hung_insert, Spool(tmp_path / "spool"), sync=True)
+    log.start()
+    first = log.submit(row(0))
+    first.result(timeout=10)
+    assert entered.wait(10)  # the store thread is now stuck in the insert
+    later = [log.submit(row(i)) for i in range(1, 50)]
+    for done in later:
+        done.result(timeout=10)  # on disk although the store answers nothing
+    assert count(store) == 0
+    release.set()
+    log.close()
+    assert count(store) == 50
+
+
+def test_a_store_unreachable_at_start_gets_its_schema_at_the_first_insert(tmp_path):
+    dsn = default_dsn(tmp_path)
+    lazy = Store(dsn)
+    lazy._retention = 6  # as open_schema leaves it after failing to reach a server
+    lazy.insert_requests([row(1).values()], "t-1")
+    assert lazy.schema_ready and lazy.retention_months() == 6
+    assert lazy.query("SELECT count() FROM requests") == [(1,)]
+    lazy.close()
 
 
 def test_full_queue_counts_dropped_rows_instead_of_blocking(tmp_path):

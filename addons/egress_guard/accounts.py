@@ -1,0 +1,282 @@
+"""Accounts: who may use the console and the admin API, and with which roles.
+
+The rules split the admin powers between different people, so there are three roles and no
+role implies another:
+
+- ``admin``: runs the gateway (status, console events).
+- ``auditor``: reads the request log.
+- ``approver``: grants exceptions.
+
+The account file (``<data-dir>/accounts.json``, mode 0600) is written by ``egress-guard
+account …`` on the gateway host. The gateway re-reads it when it changes, so a revoked role or
+a removed account takes effect at the next request.
+
+Passwords are kept as scrypt hashes, which are slow on purpose. API tokens are kept as
+SHA-256: they are 256-bit random strings, so a fast hash is enough and a lookup stays cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydantic
+
+ROLES = ("admin", "approver", "auditor")
+ACCOUNTS_FILE = "accounts.json"
+MIN_PASSWORD_CHARS = 12
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
+
+# scrypt at n=2**14, r=8 costs about 16 MiB and 40 ms per check: cheap for one login,
+# expensive for a stolen file.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+_SCRYPT_MAXMEM = 64 << 20
+
+
+class AccountError(ValueError):
+    """A refused account change or an unreadable account file; the message is for the admin."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode(),
+        salt=salt,
+        n=_SCRYPT_N,
+        r=_SCRYPT_R,
+        p=_SCRYPT_P,
+        maxmem=_SCRYPT_MAXMEM,
+    )
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+# Checked when the account does not exist or has no password, so that a wrong user name
+# costs the same time as a wrong password and names cannot be probed by timing.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    real = bool(stored)
+    try:
+        _, n, r, p, salt, digest = (stored or _DUMMY_HASH).split("$")
+        computed = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=_SCRYPT_MAXMEM,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(computed, base64.b64decode(digest)) and real
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class _Entry(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    roles: list[str]
+    password: str = ""  # scrypt hash; "" = no console login (API token only)
+    tokens: list[str] = []  # SHA-256 of the account's API tokens
+
+    @pydantic.field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: list[str]) -> list[str]:
+        unknown = sorted(set(roles) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; roles are {list(ROLES)}")
+        return roles
+
+
+class _File(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    accounts: dict[str, _Entry] = {}
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    roles: frozenset[str]
+    password_hash: str
+    token_digests: tuple[str, ...]
+
+    @property
+    def stamp(self) -> str:
+        """Changes when the password does: sessions opened before a password change end."""
+        return token_digest(self.password_hash)[:16]
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise AccountError(
+            f"account name {name!r}: use 1–64 lower-case letters, digits and . _ @ -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_roles(roles: Iterable[str]) -> frozenset[str]:
+    chosen = frozenset(roles)
+    if not chosen:
+        raise AccountError(f"give at least one role: {', '.join(ROLES)}")
+    unknown = sorted(chosen - set(ROLES))
+    if unknown:
+        raise AccountError(f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
+    return chosen
+
+
+def validate_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AccountError(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
+    return password
+
+
+class AccountBook:
+    """The account file: read (and re-read when it changes) by the gateway, written by the CLI.
+
+    Writers take an exclusive lock on a side file and replace the account file atomically, so
+    a reader sees the old file or the new one, never half of one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._seen: tuple[int, int, int] | str | None = "never read"
+        self._accounts: dict[str, Account] = {}
+        self._by_token: dict[str, Account] = {}
+        self._lock = threading.Lock()
+
+    # --- reading ---
+
+    def _parse(self) -> dict[str, Account]:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            parsed = _File.model_validate(raw)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # pydantic.ValidationError is a ValueError
+            raise AccountError(f"{self.path}: unreadable account file: {e}") from None
+        for name in parsed.accounts:
+            validate_name(name)
+        return {
+            name: Account(name, frozenset(e.roles), e.password, tuple(e.tokens))
+            for name, e in parsed.accounts.items()
+        }
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last look (a stat per call). A broken
+        file keeps the last good accounts and raises AccountError."""
+        try:
+            st = self.path.stat()
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)  # a write makes a new inode
+        except FileNotFoundError:
+            seen = None
+        with self._lock:
+            if seen == self._seen:
+                return
+            accounts = self._parse()
+            self._accounts = accounts
+            self._by_token = {d: a for a in accounts.values() for d in a.token_digests}
+            self._seen = seen
+
+    def get(self, name: str) -> Account | None:
+        self.refresh()
+        return self._accounts.get(name)
+
+    def by_token(self, token: str) -> Account | None:
+        self.refresh()
+        return self._by_token.get(token_digest(token))
+
+    def all(self) -> list[Account]:
+        self.refresh()
+        return sorted(self._accounts.values(), key=lambda a: a.name)
+
+    # --- writing (the CLI, on the gateway host) ---
+
+    @contextmanager
+    def _editing(self) -> Iterator[dict[str, _Entry]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._seen = "stale"
+            current = self._parse()
+            entries = {
+                a.name: _Entry(
+                    roles=sorted(a.roles), password=a.password_hash, tokens=list(a.token_digests)
+                )
+                for a in current.values()
+            }
+            yield entries
+            text = json.dumps(
+                {"accounts": {k: v.model_dump() for k, v in sorted(entries.items())}}, indent=1
+            )
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._seen = "stale"
+
+    def _existing(self, entries: dict[str, _Entry], name: str) -> _Entry:
+        if name not in entries:
+            raise AccountError(f"no account named {name!r}")
+        return entries[name]
+
+    def add(self, name: str, roles: Iterable[str], password: str | None = None) -> None:
+        validate_name(name)
+        chosen = validate_roles(roles)
+        hashed = hash_password(validate_password(password)) if password is not None else ""
+        with self._editing() as entries:
+            if name in entries:
+                raise AccountError(f"account {name!r} exists already")
+            entries[name] = _Entry(roles=sorted(chosen), password=hashed)
+
+    def set_roles(self, name: str, roles: Iterable[str]) -> None:
+        chosen = validate_roles(roles)
+        with self._editing() as entries:
+            self._existing(entries, name).roles = sorted(chosen)
+
+    def set_password(self, name: str, password: str) -> None:
+        hashed = hash_password(validate_password(password))
+        with self._editing() as entries:
+            self._existing(entries, name).password = hashed
+
+    def issue_token(self, name: str) -> str:
+        """A new API token for the account; shown once, only its hash is kept."""
+        token = "egt_" + secrets.token_urlsafe(32)
+        with self._editing() as entries:
+            self._existing(entries, name).tokens.append(token_digest(token))
+        return token
+
+    def revoke_tokens(self, name: str) -> None:
+        with self._editing() as entries:
+            self._existing(entries, name).tokens = []
+
+    def remove(self, name: str) -> None:
+        with self._editing() as entries:
+            self._existing(entries, name)
+            del entries[name]
+
+
+def accounts_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / ACCOUNTS_FILE
