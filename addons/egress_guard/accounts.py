@@ -9,7 +9,10 @@ role implies another:
 
 The account file (``<data-dir>/accounts.json``, mode 0600) is written by ``egress-guard
 account …`` on the gateway host. The gateway re-reads it when it changes, so a revoked role or
-a removed account takes effect at the next request.
+a removed account takes effect at the next request. Every change is also appended to a journal
+(``accounts-changes.jsonl``: who, when, which account, what changed). The gateway copies the
+journal into the console's event log, because the rules ask for permission changes to be
+logged.
 
 Passwords are kept as scrypt hashes, which are slow on purpose. API tokens are kept as
 SHA-256: they are 256-bit random strings, so a fast hash is enough and a lookup stays cheap.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import getpass
 import hashlib
 import hmac
 import json
@@ -29,6 +33,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydantic
@@ -106,8 +111,16 @@ class _Entry(pydantic.BaseModel):
         return roles
 
 
+def _accounts_of(entries: dict[str, _Entry]) -> dict[str, Account]:
+    return {
+        name: Account(name, frozenset(e.roles), e.password, tuple(e.tokens))
+        for name, e in entries.items()
+    }
+
+
 class _File(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
+    changed_by: str = ""  # the operating-system user who made the last change
     accounts: dict[str, _Entry] = {}
 
 
@@ -165,20 +178,18 @@ class AccountBook:
 
     # --- reading ---
 
-    def _parse(self) -> dict[str, Account]:
+    def _parse(self) -> tuple[dict[str, Account], str]:
+        """(accounts, who changed the file last)."""
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             parsed = _File.model_validate(raw)
         except FileNotFoundError:
-            return {}
+            return {}, ""
         except (OSError, ValueError) as e:  # pydantic.ValidationError is a ValueError
             raise AccountError(f"{self.path}: unreadable account file: {e}") from None
         for name in parsed.accounts:
             validate_name(name)
-        return {
-            name: Account(name, frozenset(e.roles), e.password, tuple(e.tokens))
-            for name, e in parsed.accounts.items()
-        }
+        return _accounts_of(parsed.accounts), parsed.changed_by
 
     def refresh(self) -> None:
         """Re-read the file if it changed since the last look (a stat per call). A broken
@@ -191,7 +202,7 @@ class AccountBook:
         with self._lock:
             if seen == self._seen:
                 return
-            accounts = self._parse()
+            accounts, _ = self._parse()
             self._accounts = accounts
             self._by_token = {d: a for a in accounts.values() for d in a.token_digests}
             self._seen = seen
@@ -203,6 +214,42 @@ class AccountBook:
     def by_token(self, token: str) -> Account | None:
         self.refresh()
         return self._by_token.get(token_digest(token))
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(self.path.stem + "-changes.jsonl")
+
+    @property
+    def _recorded_path(self) -> Path:
+        return self.path.with_name(self.path.stem + "-changes.recorded")
+
+    def unrecorded_changes(self) -> list[tuple[dict[str, str], int]]:
+        """Journal entries not yet marked recorded, each with the offset just after it."""
+        try:
+            offset = int(self._recorded_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            offset = 0
+        try:
+            with open(self.journal_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # being written: next time
+            offset += len(line)
+            try:
+                entries.append((json.loads(line), offset))
+            except ValueError:  # a damaged line is skipped, not a reason to stop
+                continue
+        return entries
+
+    def mark_recorded(self, offset: int) -> None:
+        tmp = self._recorded_path.with_suffix(".tmp")
+        _write_private(tmp, str(offset), "w")
+        os.replace(tmp, self._recorded_path)
 
     def all(self) -> list[Account]:
         self.refresh()
@@ -217,7 +264,7 @@ class AccountBook:
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._seen = "stale"
-            current = self._parse()
+            current, _ = self._parse()
             entries = {
                 a.name: _Entry(
                     roles=sorted(a.roles), password=a.password_hash, tokens=list(a.token_digests)
@@ -225,16 +272,21 @@ class AccountBook:
                 for a in current.values()
             }
             yield entries
-            text = json.dumps(
-                {"accounts": {k: v.model_dump() for k, v in sorted(entries.items())}}, indent=1
-            )
+            by = getpass.getuser()
+            document = {
+                "changed_by": by,
+                "accounts": {k: v.model_dump() for k, v in sorted(entries.items())},
+            }
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _write_private(tmp, json.dumps(document, indent=1) + "\n", "w")
             os.replace(tmp, self.path)
+            # The journal: one line per permission change, for the console's event log.
+            now = datetime.now(UTC).isoformat(timespec="milliseconds")
+            lines = "".join(
+                json.dumps({"ts": now, "by": by, **change}, sort_keys=True) + "\n"
+                for change in diff_accounts(current, _accounts_of(entries))
+            )
+            _write_private(self.journal_path, lines, "a")
         self._seen = "stale"
 
     def _existing(self, entries: dict[str, _Entry], name: str) -> _Entry:
@@ -276,6 +328,45 @@ class AccountBook:
         with self._editing() as entries:
             self._existing(entries, name)
             del entries[name]
+
+
+def _write_private(path: Path, text: str, mode: str) -> None:
+    """Write (``w``) or append (``a``) with mode 0600, then fsync."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, mode, encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def diff_accounts(old: dict[str, Account], new: dict[str, Account]) -> list[dict[str, str]]:
+    """What changed between two readings of the file: one entry per account and kind of
+    change, never a password or token (only that one was set, issued or revoked)."""
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        before, after = old.get(name), new.get(name)
+        if before is None and after is not None:
+            changes.append({"account": name, "change": "added", "roles": _roles(after)})
+        elif after is None and before is not None:
+            changes.append({"account": name, "change": "removed", "roles": _roles(before)})
+        elif before is not None and after is not None:
+            if before.roles != after.roles:
+                change = f"roles {_roles(before)} -> {_roles(after)}"
+                changes.append({"account": name, "change": change, "roles": _roles(after)})
+            if before.password_hash != after.password_hash:
+                changes.append({"account": name, "change": "password set", "roles": _roles(after)})
+            issued = len(set(after.token_digests) - set(before.token_digests))
+            revoked = len(set(before.token_digests) - set(after.token_digests))
+            for n, what in ((issued, "issued"), (revoked, "revoked")):
+                if n:
+                    change = f"{n} API token(s) {what}"
+                    changes.append({"account": name, "change": change, "roles": _roles(after)})
+    return changes
+
+
+def _roles(account: Account) -> str:
+    return ",".join(sorted(account.roles))
 
 
 def accounts_path(data_dir: str | Path) -> Path:

@@ -51,8 +51,15 @@ import tornado.web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from . import metrics
 from .accounts import ROLES, Account, AccountBook, AccountError, verify_password
-from .store import MAX_QUERY_ROWS, SUMMARY_COLUMNS, RequestFilter, Store
+from .store import (
+    CONSOLE_EVENT_NAMES,
+    MAX_QUERY_ROWS,
+    SUMMARY_COLUMNS,
+    RequestFilter,
+    Store,
+)
 from .units import parse_time
 
 log = logging.getLogger("egress_guard.console")
@@ -261,6 +268,38 @@ def request_filter(arg: Callable[[str], str | None], now: datetime) -> RequestFi
     )
 
 
+async def record_event(ctx: ConsoleContext, **fields: Any) -> None:
+    """One row of ``console_events``, written from a worker thread."""
+    row = [ctx.now(), ctx.node] + [fields[name] for name in CONSOLE_EVENT_NAMES[2:]]
+    await asyncio.get_running_loop().run_in_executor(None, ctx.store.insert_console_event, row)
+
+
+async def watch_accounts(ctx: ConsoleContext, every: float = 2.0) -> None:
+    """Copy the account journal (every permission change made with ``egress-guard account``)
+    into the console's event log; an entry is marked recorded only once the store has it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            for change, offset in await loop.run_in_executor(None, ctx.accounts.unrecorded_changes):
+                await record_event(
+                    ctx,
+                    actor=change.get("by") or "account-file",
+                    roles=[],
+                    via="cli",
+                    client_ip="",
+                    action="account_change",
+                    outcome="ok",
+                    detail=json.dumps(
+                        {k: change.get(k, "") for k in ("account", "change", "roles", "ts")},
+                        sort_keys=True,
+                    ),
+                )
+                await loop.run_in_executor(None, ctx.accounts.mark_recorded, offset)
+        except Exception as e:  # the store is down: the journal waits
+            log.error("cannot record account changes yet: %s", e)
+        await asyncio.sleep(every)
+
+
 def _filter_detail(flt: RequestFilter) -> str:
     return json.dumps(
         {k: v for k, v in vars(flt).items() if v is not None}, default=_json_default, sort_keys=True
@@ -349,6 +388,7 @@ class _Handler(tornado.web.RequestHandler):
         if self.principal is None:
             if given is not None:  # a wrong credential, not a missing one
                 self.ctx.failed_by_address.failed(self.address)
+                metrics.CONSOLE_LOGINS.labels("failed").inc()
             if not self.is_api and method in ("GET", "HEAD"):
                 self.redirect("/login")
                 return
@@ -365,19 +405,16 @@ class _Handler(tornado.web.RequestHandler):
     async def record(self, action: str, outcome: str, detail: str = "", actor: str = "") -> None:
         """Write one console event; raises when the store cannot take it."""
         p = self.principal
-        row = (
-            self.ctx.now(),
-            self.ctx.node,
-            actor or (p.name if p else ""),
-            sorted(p.roles) if p else [],
-            p.via if p else "login",
-            self.address,
-            action,
-            outcome,
-            detail,
+        await record_event(
+            self.ctx,
+            actor=actor or (p.name if p else ""),
+            roles=sorted(p.roles) if p else [],
+            via=p.via if p else "login",
+            client_ip=self.address,
+            action=action,
+            outcome=outcome,
+            detail=detail,
         )
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.ctx.store.insert_console_event, row)
 
     async def record_quietly(self, *args: str, **kwargs: str) -> None:
         try:
@@ -496,6 +533,7 @@ class _Login(_Handler):
         password = self.get_body_argument("password", "")
         self.principal = None
         if self.ctx.failed_by_account.locked(name):
+            metrics.CONSOLE_LOGINS.labels("locked").inc()
             await self.record_quietly("login", "locked", actor=name)
             self.set_status(429)
             self._form("Too many failed logins for this account; try again later.", 429)
@@ -511,6 +549,7 @@ class _Login(_Handler):
         if not ok or account is None:
             self.ctx.failed_by_address.failed(self.address)
             self.ctx.failed_by_account.failed(name)
+            metrics.CONSOLE_LOGINS.labels("failed").inc()
             await self.record_quietly("login", "failed", actor=name)
             self._form("Wrong user name or password. 用户名或密码错误。", 401)
             return
@@ -521,6 +560,7 @@ class _Login(_Handler):
             SESSION_COOKIE, session.id, path="/", secure=True, httponly=True, samesite="Strict"
         )
         self.principal = Principal(account.name, account.roles, "session")
+        metrics.CONSOLE_LOGINS.labels("ok").inc()
         await self.record_quietly("login", "ok")
         self.redirect("/", status=303)
 
@@ -552,7 +592,10 @@ class _Home(_Handler):
             )
             items.append(f'<li>网关状态 Gateway status<table id="status">{rows}</table></li>')
         if "approver" in self.principal.roles:
-            items.append("<li>审批 Approvals: not built yet; use the approval workflow.</li>")
+            items.append(
+                "<li>审批 Approvals: exceptions are granted as <code>allow</code> rules in the "
+                "policy until the approval workflow lands (README, approver guide).</li>"
+            )
         self.send_page("控制台 Console", f"<ul>{''.join(items)}</ul>")
 
 

@@ -101,6 +101,7 @@ class Gateway:
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._remote_task: asyncio.Task[None] | None = None
+        self._accounts_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -187,6 +188,9 @@ class Gateway:
             )
             tls = console.tls_context(confdir, self.config.data_dir, host)
             self._servers.append(console.serve(console_ctx, host, port, tls))
+            self._accounts_task = asyncio.get_running_loop().create_task(
+                console.watch_accounts(console_ctx)
+            )
             where = console.token_path(self.config.data_dir)
             url_host = f"[{host}]" if ":" in host else host
             lines.append(
@@ -254,7 +258,7 @@ class Gateway:
         self._stopped = True
         if self._scan_pool is not None:
             self._scan_pool.shutdown(wait=False, cancel_futures=True)
-        for task in (self._watch_task, self._remote_task):
+        for task in (self._watch_task, self._remote_task, self._accounts_task):
             if task:
                 task.cancel()
         for server in self._servers:

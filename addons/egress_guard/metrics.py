@@ -34,6 +34,11 @@ AUDIT_REFUSED = Counter(
     "egress_guard_audit_refused_requests",
     "Requests refused with 503 because the request log could not take their row (fail closed)",
 )
+CONSOLE_LOGINS = Counter(
+    "egress_guard_console_logins",
+    "Console logins and failed bearer tokens, by outcome (ok, failed, locked)",
+    ["outcome"],
+)
 POLICY_RELOADS = Counter("egress_guard_policy_reloads", "Policy reload attempts", ["result"])
 POLICY_RULES = Gauge("egress_guard_policy_rules", "Rules loaded per category", ["category"])
 POLICY_VALID = Gauge("egress_guard_policy_last_reload_ok", "1 when the last reload succeeded")

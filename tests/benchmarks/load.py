@@ -46,6 +46,7 @@ def client(
     conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=30)
     answered: dict[str, int] = {}
     errors = 0
+    what_failed: list[str] = []  # the first few, for the report
     deadline = time.monotonic() + seconds
     i = 0
     while time.monotonic() < deadline and i < max_requests:
@@ -72,8 +73,10 @@ def client(
             )
             resp = conn.getresponse()
             resp.read()
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException) as e:
             errors += 1
+            if len(what_failed) < 5:
+                what_failed.append(f"{method} {path}: {type(e).__name__}: {e}")
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=30)
             continue
@@ -81,8 +84,10 @@ def client(
             answered[path] = resp.status
         else:
             errors += 1
+            if len(what_failed) < 5:
+                what_failed.append(f"{method} {path}: status {resp.status}, expected {expect}")
     conn.close()
-    results.put((answered, errors))
+    results.put((answered, errors, what_failed))
 
 
 def rss_kib(pid: int) -> int:
@@ -128,12 +133,15 @@ def run_mix(
     stop.set()
     answered: dict[str, int] = {}
     errors = 0
-    for a, e in collected:
+    failures: list[str] = []
+    for a, e, f in collected:
         answered.update(a)
         errors += e
+        failures += f
     return {
         "answered": answered,
         "errors": errors,
+        "failures": failures,
         "seconds": elapsed,
         "rate": len(answered) / elapsed,
         "rss_kib": samples,
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "rate_ratio": g["rate"] / b["rate"] if b["rate"] else None,
             "answered": len(g["answered"]),
             "client_errors": g["errors"],
+            "client_failures": g["failures"],
             "rows": sum(logged.values()),
             "missing_rows": len(set(g["answered"]) - set(logged)),
             "duplicate_rows": sum(n - 1 for n in logged.values() if n > 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -330,3 +331,25 @@ def test_accounts_are_managed_with_the_cli_and_take_effect_at_once(gw):
     cli("account", "remove", "li.cli", *d)
     assert "li.cli" not in cli("account", "list", *d).stdout
     assert post_login(gw, "li.cli", PASSWORD).status == 401
+
+    # Every permission change is in the console's event log, with who made it.
+    def changes():
+        rows = gw.admin_call("/api/v1/console-events?limit=1000", gw.tokens["admin"]).json()
+        return [
+            json.loads(e["detail"])
+            for e in rows["rows"]
+            if e["action"] == "account_change" and "li.cli" in e["detail"]
+        ]
+
+    deadline = time.monotonic() + 20
+    while len(changes()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    got = {c["change"] for c in changes()}
+    assert {
+        "added",
+        "1 API token(s) issued",
+        "roles auditor -> approver",
+        "1 API token(s) revoked",
+        "removed",
+    } <= got, got
+    assert all(PASSWORD not in json.dumps(c) for c in changes())

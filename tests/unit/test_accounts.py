@@ -91,3 +91,32 @@ def test_a_broken_file_is_reported_and_the_last_good_accounts_stay(tmp_path):
     with pytest.raises(AccountError, match="unreadable account file"):
         book.refresh()
     assert book._accounts["carol"].roles == {"admin"}  # kept, not emptied
+
+
+def test_every_change_is_journaled_once_and_without_secrets(tmp_path):
+    book = AccountBook(tmp_path / "accounts.json")
+    book.add("alice", ["auditor"], PASSWORD)
+    token = book.issue_token("alice")
+    book.set_roles("alice", ["auditor", "approver"])
+    book.set_password("alice", PASSWORD + " 2")
+    book.revoke_tokens("alice")
+    book.remove("alice")
+    got = book.unrecorded_changes()
+    assert [c["change"] for c, _ in got] == [
+        "added",
+        "1 API token(s) issued",
+        "roles auditor -> approver,auditor",
+        "password set",
+        "1 API token(s) revoked",
+        "removed",
+    ]
+    assert all(c["account"] == "alice" and c["by"] and c["ts"] for c, _ in got)
+    journal = book.journal_path.read_text()
+    assert PASSWORD not in journal and token not in journal and token_digest(token) not in journal
+    book.mark_recorded(got[2][1])  # the first three are in the event log
+    assert next(c["change"] for c, _ in book.unrecorded_changes()) == "password set"
+    book.mark_recorded(got[-1][1])
+    assert book.unrecorded_changes() == []
+    with open(book.journal_path, "a") as f:
+        f.write('{"account": "half-writ')  # a line still being written waits
+    assert book.unrecorded_changes() == []
