@@ -188,26 +188,26 @@ def run(
 async def _serve(
     gateway: Any, host: str, port: int, data_dir: Path, mitm_sets: tuple[str, ...]
 ) -> int:
-    from mitmproxy import exceptions, options
-    from mitmproxy.tools.dump import DumpMaster
+    from mitmproxy import exceptions, master, options
 
-    from .gateway import make_addons, quiet_cancelled_clients
+    from .gateway import make_addons, mitmproxy_addons, quiet_cancelled_clients
 
     opts = options.Options(confdir=str(data_dir / "mitmproxy"))
-    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-    master.addons.add(*make_addons(gateway))
+    proxy = master.Master(opts, with_termlog=True)
+    proxy.addons.add(*mitmproxy_addons())
+    proxy.addons.add(*make_addons(gateway))
     try:
-        master.options.update(listen_host=host, listen_port=port, connection_strategy="lazy")
-        master.options.set(*mitm_sets)
+        proxy.options.update(listen_host=host, listen_port=port, connection_strategy="lazy")
+        proxy.options.set(*mitm_sets)
     except exceptions.OptionsError as e:
         click.echo(f"egress-guard: bad --set: {e}", err=True)
         gateway.stop()
         return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, proxy.shutdown)
     try:
-        await master.run()  # mitmproxy exits 1 itself on startup errors (e.g. port in use)
+        await proxy.run()  # mitmproxy exits 1 itself on startup errors (e.g. port in use)
     finally:
         loop.set_exception_handler(quiet_cancelled_clients)
         gateway.stop()
