@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import GatewayProcess, Upstream, cli, curl, egress_guard_bin
+from harness import GatewayProcess, Upstream, cli, curl, egress_guard_bin, free_port
 from support import policy_copy
 
 pytestmark = pytest.mark.slow
@@ -188,3 +188,23 @@ def test_admin_api_throttles_token_guessing_and_offers_no_cors(tmp_path, policy_
         assert call(good)[0] == 429  # locked for the window, right token or not
     finally:
         gw.stop()
+
+
+def test_run_refuses_options_of_addons_a_gateway_does_not_load(tmp_path, policy_dir):
+    base = (
+        "run",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--policies",
+        str(policy_dir),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--admin",
+        "",
+        "--metrics",
+        "",
+    )
+    refused = cli(*base, "--set", "modify_headers=/~q/X-Test/1", check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "bad --set" in refused.stderr and "modify_headers" in refused.stderr
+    assert "Traceback" not in refused.stderr
