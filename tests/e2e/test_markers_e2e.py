@@ -4,6 +4,7 @@ refused before the upstream gets it; benign texts pass."""
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ from urllib.parse import urlencode
 import pytest
 
 from documents import LEGAL_ARTICLE, NEWS, docx, multipart, pdf
+from egress_guard.decode import Budget
 from harness import GatewayProcess, curl, ws_session
 from support import policy_copy
 
@@ -206,3 +208,56 @@ def test_metrics_count_matches_per_level(gw):
         text = r.read().decode()
     assert 'egress_guard_marker_matches_total{category="",level="national_secret"}' in text
     assert 'egress_guard_scan_verdicts_total{verdict="block"}' in text
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The largest peak RSS (VmHWM) of the gateway and its children: the scan pool's
+    workers decode large bodies, so a bomb would show there."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    peaks = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                peaks += [int(line.split()[1]) for line in f if line.startswith("VmHWM:")]
+        except FileNotFoundError:
+            continue
+    return max(peaks) / 1024
+
+
+@functools.cache
+def bomb_bodies() -> dict[str, tuple[bytes, str, str | None]]:
+    from documents import zip_of
+
+    nested = b"\xe7\xbb\x9d\xe5\xaf\x86\xe2\x98\x85"  # 绝密★, at the bottom
+    for i in range(12):
+        nested = zip_of({f"level{i}.zip": nested})
+    return {
+        # 1 GiB of zeros in about 1 MB: the decoder's budget stops it, nothing is inflated.
+        "gzip": (gzip.compress(bytes(1 << 30), 1), "text/plain", "gzip"),
+        # 16 files of 64 MiB each, compressed to a few hundred KB.
+        "zip": (zip_of({f"f{i}.txt": bytes(64 * MiB) for i in range(16)}), "application/zip", None),
+        "nested": (nested, "application/zip", None),
+    }
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zip", "nested"])
+def test_bombs_and_deep_nesting_are_refused_as_unscannable_in_bounded_memory(gw, upstream, kind):
+    body, ctype, encoding = bomb_bodies()[kind]
+    before = peak_rss_mib(gw.proc.pid)
+    path = f"/m/bomb-{kind}"
+    reply = post(gw, upstream, path, body, ctype, encoding=encoding)
+    assert reply.status == 403, (reply.status, reply.body[:300])
+    assert "could not be fully checked" in reply.body.decode()
+    seen = upstream.find(path, wait=0.5)
+    assert seen is None or not seen.complete
+    rows = gw.wait_rows(lambda rs: any(r["path"] == path for r in rs))
+    (row,) = [r for r in rows if r["path"] == path]
+    assert row["rule_id"] == "scan.unscannable" and row["decision"] == "block"
+    # Never inflated: at most the decode budget (64 MiB) held once more while it is read,
+    # against the 1 GiB the bombs expand to.
+    bound = 2 * Budget().max_expanded / MiB + 32
+    assert peak_rss_mib(gw.proc.pid) - before < bound
+    assert curl(f"http://127.0.0.1:{upstream.http_port}/after-bomb", gw.proxy).status == 200
