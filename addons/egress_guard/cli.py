@@ -190,7 +190,14 @@ async def _serve(
 ) -> int:
     from mitmproxy import exceptions, master, options
 
-    from .gateway import make_addons, mitmproxy_addons, quiet_cancelled_clients
+    from .gateway import (
+        make_addons,
+        mitmproxy_addons,
+        quiet_cancelled_clients,
+        skip_test_task_names,
+    )
+
+    skip_test_task_names()
 
     opts = options.Options(confdir=str(data_dir / "mitmproxy"))
     proxy = master.Master(opts, with_termlog=True)
