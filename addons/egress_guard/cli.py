@@ -1,5 +1,5 @@
 """CLI: ``egress-guard run | ca export | check-policy | policy import-ut1 | account … |
-audit query``.
+audit query | audit export | audit verify``.
 
 ``run`` owns the store (the embedded engine opens its directory in one process only); the
 audit commands talk to that process's admin API over HTTPS, in embedded and server mode alike.
@@ -10,7 +10,6 @@ Every option of ``run`` can also come from an ``EGRESS_GUARD_<NAME>`` environmen
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import json
 import signal
@@ -27,9 +26,9 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, evidence
 from .policy import PolicyError, default_policy_dir, dump_yaml, load_policy
-from .store import SUMMARY_COLUMNS, StoreError
+from .store import COLUMN_NAMES, SUMMARY_COLUMNS, StoreError
 from .units import parse_size
 
 DATA_DIR_OPTION = click.option(
@@ -410,16 +409,17 @@ def account_list(data_dir: Path) -> None:
 # --- audit -----------------------------------------------------------------------------------
 
 
-def _admin_request(
+def _admin_get(
     admin: str, token: str, path: str, params: dict[str, str], ca_cert: Path | None
-) -> Any:
+) -> tuple[dict[str, str], bytes]:
+    """(headers, body) of a GET to the admin API, or a ClickException saying what went wrong."""
     base = admin if "://" in admin else f"https://{admin}"
     url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
     try:
-        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
-            return json.load(resp)
+        with urllib.request.urlopen(req, timeout=300, context=context) as resp:
+            return {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as e:
         try:
             message = json.load(e).get("error", e.reason)
@@ -432,8 +432,10 @@ def _admin_request(
         ) from None
 
 
-def _text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+def _admin_request(
+    admin: str, token: str, path: str, params: dict[str, str], ca_cert: Path | None
+) -> Any:
+    return json.loads(_admin_get(admin, token, path, params, ca_cert)[1])
 
 
 def _ca_cert(ca_cert: Path | None, data_dir: Path) -> Path | None:
@@ -450,33 +452,57 @@ def audit() -> None:
     """Query the request log through the running gateway's admin API."""
 
 
+def _api_options(command: Any) -> Any:
+    """--admin, --token, --ca-cert and --data-dir: how the CLI reaches the admin API."""
+    for option in reversed(
+        (
+            click.option(
+                "--admin",
+                default="127.0.0.1:8081",
+                envvar="EGRESS_GUARD_ADMIN",
+                show_default=True,
+                help="Admin API address (HOST:PORT or URL).",
+            ),
+            click.option(
+                "--token",
+                envvar="EGRESS_GUARD_TOKEN",
+                required=True,
+                help="An auditor's API token (egress-guard account token NAME).",
+            ),
+            click.option(
+                "--ca-cert",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                envvar="EGRESS_GUARD_CA_CERT",
+                help="CA certificate of the console [default: the gateway's CA in DATA_DIR].",
+            ),
+            DATA_DIR_OPTION,
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _filter_options(command: Any) -> Any:
+    """Which rows: the request-log filters of the admin API."""
+    for option in reversed(
+        (
+            click.option("--user", help="Exactly this user."),
+            click.option("--host", help="This host and its subdomains."),
+            click.option("--decision", type=click.Choice(["allow", "block", "alert"])),
+            click.option("--since", help="From (ISO 8601, or a duration ago such as 24h)."),
+            click.option("--until", help="Before (ISO 8601, or a duration ago)."),
+            click.option(
+                "--limit", type=click.IntRange(1, 100_000), default=100, show_default=True
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @audit.command("query")
-@click.option(
-    "--admin",
-    default="127.0.0.1:8081",
-    envvar="EGRESS_GUARD_ADMIN",
-    show_default=True,
-    help="Admin API address (HOST:PORT or URL).",
-)
-@click.option(
-    "--token",
-    envvar="EGRESS_GUARD_TOKEN",
-    required=True,
-    help="An auditor's API token (egress-guard account token NAME).",
-)
-@click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    envvar="EGRESS_GUARD_CA_CERT",
-    help="CA certificate of the console [default: the gateway's CA in DATA_DIR].",
-)
-@DATA_DIR_OPTION
-@click.option("--user", help="Exactly this user.")
-@click.option("--host", help="This host and its subdomains.")
-@click.option("--decision", type=click.Choice(["allow", "block", "alert"]))
-@click.option("--since", help="From (ISO 8601, or a duration ago such as 24h).")
-@click.option("--until", help="Before (ISO 8601, or a duration ago).")
-@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@_api_options
+@_filter_options
 @click.option(
     "--format",
     "fmt",
@@ -494,22 +520,70 @@ def audit_query(
     if fmt == "json":
         click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
     elif fmt == "csv":
-        out = io.StringIO()
-        if rows:
-            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(
-                    {k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()}
-                )
-        click.echo(out.getvalue(), nl=False)
+        columns = tuple(rows[0]) if rows else COLUMN_NAMES
+        sys.stdout.write(evidence.to_csv(rows, columns).decode())
     else:
-        table = [[_text(row.get(c, "")) for c in SUMMARY_COLUMNS] for row in rows]
+        table = [[evidence.cell(row.get(c, "")) for c in SUMMARY_COLUMNS] for row in rows]
         widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(SUMMARY_COLUMNS)]
         click.echo("  ".join(c.ljust(w) for c, w in zip(SUMMARY_COLUMNS, widths, strict=True)))
         for r in table:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
         click.echo(f"({len(rows)} rows)", err=True)
+
+
+@audit.command("export")
+@_api_options
+@_filter_options
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    required=True,
+    help="The CSV to write; its SHA-256 goes next to it as OUT.sha256.",
+)
+def audit_export(
+    admin: str, token: str, ca_cert: Path | None, data_dir: Path, out: Path, **filters: Any
+) -> None:
+    """Export rows as evidence: the gateway's canonical CSV, hashed, the hash kept in its log."""
+    params = {k: str(v) for k, v in filters.items() if v is not None}
+    headers, body = _admin_get(admin, token, "/api/v1/export", params, _ca_cert(ca_cert, data_dir))
+    sha256 = evidence.digest(body)
+    if sha256 != headers.get("x-egress-guard-sha256"):
+        raise click.ClickException("the export arrived damaged: its hash does not match")
+    out.write_bytes(body)
+    out.with_name(out.name + ".sha256").write_text(f"{sha256}  {out.name}\n")
+    rows = headers.get("x-egress-guard-rows", "?")
+    click.echo(f"{out}: {rows} rows, sha256 {sha256} (recorded by the gateway)")
+
+
+@audit.command("verify")
+@_api_options
+@click.argument("export", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def audit_verify(
+    admin: str, token: str, ca_cert: Path | None, data_dir: Path, export: Path
+) -> None:
+    """Check that EXPORT is, byte for byte, what the gateway handed out, and say to whom."""
+    sha256 = evidence.digest(export.read_bytes())
+    result = _admin_request(
+        admin,
+        token,
+        "/api/v1/console-events",
+        {"contains": sha256, "limit": "10"},
+        _ca_cert(ca_cert, data_dir),
+    )
+    exports = [e for e in result["rows"] if e["action"] == "export_requests"]
+    if not exports:
+        raise click.ClickException(
+            f"{export}: sha256 {sha256} is not in the gateway's export log: "
+            "not an unaltered export of this gateway"
+        )
+    e = exports[-1]
+    detail = json.loads(e["detail"])
+    filters = {k: v for k, v in detail.items() if k not in ("rows", "sha256")}
+    click.echo(
+        f"{export}: verified. Exported by {e['actor']} from {e['client_ip']} at {e['ts']}, "
+        f"{detail['rows']} rows, filters {json.dumps(filters, ensure_ascii=False)}"
+    )
 
 
 if __name__ == "__main__":

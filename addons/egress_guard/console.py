@@ -51,7 +51,7 @@ import tornado.web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import metrics
+from . import evidence, metrics
 from .accounts import ROLES, Account, AccountBook, AccountError, verify_password
 from .store import (
     CONSOLE_EVENT_NAMES,
@@ -120,16 +120,10 @@ def tls_context(confdir: Path, cert_dir: Path, host: str) -> ssl.SSLContext:
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
-        return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return evidence.utc_iso(value)
     if isinstance(value, date):
         return value.isoformat()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:  # the store hands back UTC as naive
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 class FailedLogins:
@@ -507,7 +501,7 @@ def _page(title: str, body: str, principal: Principal | None, logout: str) -> st
 
 
 def _local_time(value: datetime) -> str:
-    return _utc(value).astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return evidence.as_utc(value).astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 class _Login(_Handler):
@@ -650,7 +644,7 @@ class _RequestsPage(_Handler):
         body = "".join(
             "<tr>"
             + "".join(
-                f"<td>{escape(_local_time(r[c]) if c == 'ts' else _cell(r[c]))}</td>"
+                f"<td>{escape(_local_time(r[c]) if c == 'ts' else evidence.cell(r[c]))}</td>"
                 for c in SUMMARY_COLUMNS
             )
             + "</tr>"
@@ -663,10 +657,6 @@ class _RequestsPage(_Handler):
         self.send_page("请求日志 Request log", form + table)
 
 
-def _cell(value: Any) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
 # --- API ----------------------------------------------------------------------------------------
 
 
@@ -677,19 +667,49 @@ class _Api(_Handler):
         value = self.get_query_argument(name, None)
         return value if value not in (None, "") else None
 
+    def request_filter(self) -> RequestFilter:
+        try:
+            return request_filter(self.arg, self.ctx.now())
+        except ValueError as e:
+            raise tornado.web.HTTPError(400, reason=str(e)) from None
+
 
 class _Requests(_Api):
     ROLES: ClassVar[Mapping[str, frozenset[str]]] = {"GET": frozenset({"auditor"})}
 
     async def get(self) -> None:
-        try:
-            flt = request_filter(self.arg, self.ctx.now())
-        except ValueError as e:
-            raise tornado.web.HTTPError(400, reason=str(e)) from None
+        flt = self.request_filter()
         rows = await self.audited_query(
             "query_requests", _filter_detail(flt), lambda: self.ctx.store.query_requests(flt)
         )
         self.send_json({"rows": rows, "count": len(rows)})
+
+
+class _Export(_Api):
+    """The request log as evidence: canonical CSV, its SHA-256 in a header and in the
+    console's event log (with the filters and the row count) before a byte is sent."""
+
+    ROLES: ClassVar[Mapping[str, frozenset[str]]] = {"GET": frozenset({"auditor"})}
+
+    async def get(self) -> None:
+        flt = self.request_filter()
+        try:
+            rows = await self.in_thread(self.ctx.store.query_requests, flt)
+        except Exception as e:
+            raise tornado.web.HTTPError(503, reason=f"store unavailable: {e}") from None
+        body = evidence.to_csv(rows)
+        sha256 = evidence.digest(body)
+        detail = json.loads(_filter_detail(flt)) | {"rows": len(rows), "sha256": sha256}
+        try:
+            await self.record("export_requests", "ok", json.dumps(detail, sort_keys=True))
+        except Exception as e:  # an export nobody could verify later is not handed out
+            raise tornado.web.HTTPError(503, reason=f"store unavailable: {e}") from None
+        stamp = self.ctx.now().strftime("%Y%m%dT%H%M%SZ")
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.set_header("Content-Disposition", f'attachment; filename="egress-{stamp}.csv"')
+        self.set_header("X-Egress-Guard-SHA256", sha256)
+        self.set_header("X-Egress-Guard-Rows", str(len(rows)))
+        self.finish(body)
 
 
 class _ConsoleEvents(_Api):
@@ -704,12 +724,14 @@ class _ConsoleEvents(_Api):
                 raise ValueError(f"limit must be between 1 and {MAX_QUERY_ROWS}")
         except ValueError as e:
             raise tornado.web.HTTPError(400, reason=str(e)) from None
-        actor = self.arg("actor")
-        detail = json.dumps({"since": since_text, "actor": actor, "limit": limit})
+        actor, contains = self.arg("actor"), self.arg("contains")
+        detail = json.dumps(
+            {"since": since_text, "actor": actor, "contains": contains, "limit": limit}
+        )
         rows = await self.audited_query(
             "query_console_events",
             detail,
-            lambda: self.ctx.store.query_console_events(since, actor, limit),
+            lambda: self.ctx.store.query_console_events(since, actor, limit, contains),
         )
         self.send_json({"rows": rows, "count": len(rows)})
 
@@ -747,6 +769,7 @@ ROUTES: tuple[tuple[str, type[_Handler]], ...] = (
     (r"/logout", _Logout),
     (r"/requests", _RequestsPage),
     (r"/api/v1/requests", _Requests),
+    (r"/api/v1/export", _Export),
     (r"/api/v1/console-events", _ConsoleEvents),
     (r"/api/v1/status", _Status),
     (r"/api/v1/whoami", _WhoAmI),

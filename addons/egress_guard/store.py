@@ -324,7 +324,7 @@ class Store:
             self._connected().insert("console_events", [row], column_names=CONSOLE_EVENT_NAMES)
 
     def query_console_events(
-        self, since: datetime | None, actor: str | None, limit: int
+        self, since: datetime | None, actor: str | None, limit: int, contains: str | None = None
     ) -> list[dict[str, Any]]:
         where = ["1"]
         params: dict[str, Any] = {"limit": max(1, min(int(limit), MAX_QUERY_ROWS))}
@@ -334,6 +334,9 @@ class Store:
         if actor is not None:
             where.append("actor = {actor:String}")
             params["actor"] = actor
+        if contains is not None:  # e.g. the hash of an export
+            where.append("position(detail, {contains:String}) > 0")
+            params["contains"] = contains
         sql = (
             f"SELECT {', '.join(f'`{c}`' for c in CONSOLE_EVENT_NAMES)} FROM console_events "
             f"WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT {{limit:UInt32}}"

@@ -3,6 +3,7 @@ flags, login throttling, and the console's own audit trail."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -110,6 +111,7 @@ WHO_MAY = {
     "/logout": {"POST": EVERYONE},
     "/requests": {"GET": {"auditor"}},
     "/api/v1/requests": {"GET": {"auditor"}},
+    "/api/v1/export": {"GET": {"auditor"}},
     "/api/v1/console-events": {"GET": {"admin", "auditor"}},
     "/api/v1/status": {"GET": {"admin"}},
     "/api/v1/whoami": {"GET": EVERYONE},
@@ -353,3 +355,47 @@ def test_accounts_are_managed_with_the_cli_and_take_effect_at_once(gw):
         "removed",
     } <= got, got
     assert all(PASSWORD not in json.dumps(c) for c in changes())
+
+
+def test_an_export_is_hashed_recorded_and_verifiable(gw, upstream, tmp_path):
+    for i in range(3):
+        curl(f"http://127.0.0.1:{upstream.http_port}/evidence-{i}", gw.proxy)
+    gw.wait_rows(lambda rs: sum(r["path"].startswith("/evidence-") for r in rs) == 3)
+    d = ("--data-dir", str(gw.data_dir))
+    api = ("--admin", gw.admin, "--token", gw.tokens["auditor"], *d)
+    out = tmp_path / "case-17.csv"
+    done = cli("audit", "export", *api, "--host", "127.0.0.1", "--limit", "1000", "--out", str(out))
+    body = out.read_bytes()
+    sha256 = hashlib.sha256(body).hexdigest()
+    assert (tmp_path / "case-17.csv.sha256").read_text() == f"{sha256}  case-17.csv\n"
+    assert sha256 in done.stdout
+    lines = body.decode().split("\r\n")
+    assert lines[0].startswith("ts,node,request_id,client_ip,user,")
+    assert sum("/evidence-" in line for line in lines) == 3
+
+    # The gateway kept the hash, the filters and who asked, where the auditor cannot edit it.
+    events = gw.admin_call(f"/api/v1/console-events?contains={sha256}", gw.tokens["admin"])
+    (event,) = [e for e in events.json()["rows"] if e["action"] == "export_requests"]
+    detail = json.loads(event["detail"])
+    assert event["actor"] == "aud" and detail["host"] == "127.0.0.1" and detail["sha256"] == sha256
+
+    verified = cli("audit", "verify", *api, str(out))
+    assert "verified. Exported by aud" in verified.stdout
+    out.write_bytes(body.replace(b"/evidence-1", b"/evidence-X"))  # one altered row
+    altered = cli("audit", "verify", *api, str(out), check=False)
+    assert altered.returncode == 1 and "not an unaltered export" in altered.stderr
+
+    approver = cli(
+        "audit",
+        "export",
+        "--admin",
+        gw.admin,
+        "--token",
+        gw.tokens["approver"],
+        *d,
+        "--out",
+        str(tmp_path / "no.csv"),
+        check=False,
+    )
+    assert approver.returncode == 1 and "403" in approver.stderr
+    assert not (tmp_path / "no.csv").exists()

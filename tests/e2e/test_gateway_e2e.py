@@ -232,7 +232,13 @@ def test_audit_query_filters_and_formats(gw, upstream):
     assert bad.returncode != 0 and "not a time" in bad.stderr
 
 
-API_PATHS = ["/api/v1/requests", "/api/v1/status", "/api/v1/whoami", "/api/v1/console-events"]
+API_PATHS = [
+    "/api/v1/requests",
+    "/api/v1/export",
+    "/api/v1/status",
+    "/api/v1/whoami",
+    "/api/v1/console-events",
+]
 
 
 @pytest.mark.parametrize("path", [*API_PATHS, "/api/v1/no/such/thing"])
