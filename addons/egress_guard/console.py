@@ -650,8 +650,11 @@ class _RequestsPage(_Handler):
             + "</tr>"
             for r in rows
         )
+        export = escape(f"/api/v1/export?{self.request.query}", quote=True)
         table = (
-            f'<p id="count">{len(rows)} rows (times in the gateway\'s local time)</p>'
+            f'<p id="count">{len(rows)} rows (times in the gateway\'s local time) · '
+            f'<a id="export" href="{export}" download>导出证据 Export as evidence (CSV, '
+            "SHA-256 recorded)</a></p>"
             f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
         )
         self.send_page("请求日志 Request log", form + table)

@@ -4,6 +4,7 @@ and log out."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from urllib.parse import quote
@@ -94,6 +95,15 @@ def test_an_auditor_logs_in_searches_and_logs_out(gw, upstream, browser):
     browser.find_element(By.ID, "search").click()
     table = browser.find_element(By.ID, "results").text
     assert "/seen-in-the-browser" in table
+    export = browser.find_element(By.ID, "export").get_attribute("href")
+    assert export.startswith(f"{base}/api/v1/export?") and "host=127.0.0.1" in export
+    # The browser's session works for the export as for the page (the page's CSP allows no
+    # script fetch, so the same request is made with the browser's cookie).
+    got = gw.admin_call(
+        export.removeprefix(base), headers={"Cookie": f"egress_session={session['value']}"}
+    )
+    assert got.status == 200 and b"/seen-in-the-browser" in got.body
+    assert got.headers["x-egress-guard-sha256"] == hashlib.sha256(got.body).hexdigest()
 
     # A page on another site posts a form at the console: the browser sends no cookie
     # (SameSite=Strict) and there is no token, so it is refused and the session survives.
