@@ -389,7 +389,7 @@ class _Handler(tornado.web.RequestHandler):
             self.set_header("WWW-Authenticate", 'Bearer realm="egress-guard admin"')
             raise tornado.web.HTTPError(401, reason="authentication required")
         if not self.principal.roles & self.ROLES.get(method, frozenset()):
-            await self.record("access", "denied", self.request.path)
+            await self.record_quietly("access", "denied", self.request.path)
             raise tornado.web.HTTPError(
                 403, reason=f"{self.principal.name} has no role that may do this"
             )

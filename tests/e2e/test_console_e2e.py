@@ -272,6 +272,13 @@ def test_a_read_the_store_cannot_record_is_not_run(gw):
         (gw.data_dir / "faults").unlink()
     assert reply.status == 503 and "rows" not in reply.json()
     assert gw.admin_call("/api/v1/requests?user=alice", aud).status == 200
+    # A refusal is still a refusal while its event cannot be kept: 403, not an error.
+    (gw.data_dir / "faults").write_text("store-down")
+    try:
+        denied = gw.admin_call("/api/v1/status", aud)
+    finally:
+        (gw.data_dir / "faults").unlink()
+    assert denied.status == 403
 
 
 @pytest.mark.parametrize(
