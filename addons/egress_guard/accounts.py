@@ -105,10 +105,7 @@ class _Entry(pydantic.BaseModel):
     @pydantic.field_validator("roles")
     @classmethod
     def _known_roles(cls, roles: list[str]) -> list[str]:
-        unknown = sorted(set(roles) - set(ROLES))
-        if unknown:
-            raise ValueError(f"unknown role(s) {unknown}; roles are {list(ROLES)}")
-        return roles
+        return sorted(validate_roles(roles))  # the CLI's check, for a hand-edited file too
 
 
 def _accounts_of(entries: dict[str, _Entry]) -> dict[str, Account]:
@@ -120,7 +117,6 @@ def _accounts_of(entries: dict[str, _Entry]) -> dict[str, Account]:
 
 class _File(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    changed_by: str = ""  # the operating-system user who made the last change
     accounts: dict[str, _Entry] = {}
 
 
@@ -178,18 +174,17 @@ class AccountBook:
 
     # --- reading ---
 
-    def _parse(self) -> tuple[dict[str, Account], str]:
-        """(accounts, who changed the file last)."""
+    def _parse(self) -> dict[str, Account]:
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             parsed = _File.model_validate(raw)
         except FileNotFoundError:
-            return {}, ""
+            return {}
         except (OSError, ValueError) as e:  # pydantic.ValidationError is a ValueError
             raise AccountError(f"{self.path}: unreadable account file: {e}") from None
         for name in parsed.accounts:
             validate_name(name)
-        return _accounts_of(parsed.accounts), parsed.changed_by
+        return _accounts_of(parsed.accounts)
 
     def refresh(self) -> None:
         """Re-read the file if it changed since the last look (a stat per call). A broken
@@ -202,7 +197,7 @@ class AccountBook:
         with self._lock:
             if seen == self._seen:
                 return
-            accounts, _ = self._parse()
+            accounts = self._parse()
             self._accounts = accounts
             self._by_token = {d: a for a in accounts.values() for d in a.token_digests}
             self._seen = seen
@@ -263,8 +258,7 @@ class AccountBook:
         lock_path = self.path.with_name(self.path.name + ".lock")
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._seen = "stale"
-            current, _ = self._parse()
+            current = self._parse()
             entries = {
                 a.name: _Entry(
                     roles=sorted(a.roles), password=a.password_hash, tokens=list(a.token_digests)
@@ -272,18 +266,14 @@ class AccountBook:
                 for a in current.values()
             }
             yield entries
-            by = getpass.getuser()
-            document = {
-                "changed_by": by,
-                "accounts": {k: v.model_dump() for k, v in sorted(entries.items())},
-            }
+            document = {"accounts": {k: v.model_dump() for k, v in sorted(entries.items())}}
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             _write_private(tmp, json.dumps(document, indent=1) + "\n", "w")
             os.replace(tmp, self.path)
             # The journal: one line per permission change, for the console's event log.
             now = datetime.now(UTC).isoformat(timespec="milliseconds")
             lines = "".join(
-                json.dumps({"ts": now, "by": by, **change}, sort_keys=True) + "\n"
+                json.dumps({"ts": now, "by": getpass.getuser(), **change}, sort_keys=True) + "\n"
                 for change in diff_accounts(current, _accounts_of(entries))
             )
             _write_private(self.journal_path, lines, "a")

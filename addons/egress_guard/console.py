@@ -306,7 +306,6 @@ class _Handler(tornado.web.RequestHandler):
     # HTTP method → roles allowed. Empty: nobody. Methods in PUBLIC need no login.
     ROLES: ClassVar[Mapping[str, frozenset[str]]] = {}
     PUBLIC: ClassVar[frozenset[str]] = frozenset()
-    API: ClassVar[bool] = False
 
     principal: Principal | None = None
     session: Session | None = None
@@ -316,7 +315,7 @@ class _Handler(tornado.web.RequestHandler):
 
     @property
     def is_api(self) -> bool:
-        return self.API or self.request.path.startswith("/api/")
+        return self.request.path.startswith("/api/")
 
     @property
     def address(self) -> str:
@@ -664,8 +663,6 @@ class _RequestsPage(_Handler):
 
 
 class _Api(_Handler):
-    API = True
-
     def arg(self, name: str) -> str | None:
         value = self.get_query_argument(name, None)
         return value if value not in (None, "") else None

@@ -565,14 +565,12 @@ def skip_test_task_names() -> None:
     catches a KeyError inside ``os.environ.get``. That lookup was about 8 % of the proxy
     loop's busy time under small-request load. ``egress-guard run`` names tasks the same way
     without it (only if the function still has the shape this was written for)."""
-    import time as _time
-
     from mitmproxy.utils import asyncio_utils
 
     def set_task_debug_info(
         task: asyncio.Task[Any], *, name: str, client: tuple[Any, ...] | None = None
     ) -> None:
-        task.created = _time.time()  # type: ignore[attr-defined]
+        task.created = time.time()  # type: ignore[attr-defined]
         task.set_name(name)
         if client:
             task.client = client  # type: ignore[attr-defined]

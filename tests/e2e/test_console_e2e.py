@@ -66,11 +66,16 @@ def login_form(gw) -> tuple[str, str]:
 
 
 def post_login(
-    gw, name: str, password: str, source: str | None = None, session: str | None = None
+    gw,
+    name: str,
+    password: str,
+    source: str | None = None,
+    session: str | None = None,
+    form: tuple[str, str] | None = None,
 ) -> Reply:
     """The login form, filled in and posted as a browser would (``source``: from another
-    loopback address; the form itself is fetched from 127.0.0.1)."""
-    cookie, field = login_form(gw)
+    loopback address; the form itself is fetched from 127.0.0.1 unless ``form`` is given)."""
+    cookie, field = form or login_form(gw)
     body = urllib.parse.urlencode({"username": name, "password": password, "_xsrf": field})
     jar = f"_xsrf={cookie}" + (f"; egress_session={session}" if session else "")
     reply = gw.admin_call(
@@ -80,7 +85,6 @@ def post_login(
         headers={"Cookie": jar, "Content-Type": "application/x-www-form-urlencoded"},
         source=source,
     )
-    reply.xsrf = (cookie, field)
     return reply
 
 
@@ -89,9 +93,10 @@ def session_of(reply: Reply) -> str:
 
 
 def login(gw, name: str) -> Login:
-    reply = post_login(gw, name, PASSWORD)
+    form = login_form(gw)
+    reply = post_login(gw, name, PASSWORD, form=form)
     assert reply.status == 303 and reply.headers["location"] == "/", reply.body[:300]
-    return Login(session_of(reply), *reply.xsrf)
+    return Login(session_of(reply), *form)
 
 
 def implemented_methods(handler: type) -> set[str]:
