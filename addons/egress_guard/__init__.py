@@ -1,13 +1,16 @@
 """egress-guard: an egress-control gateway built as mitmproxy addons.
 
-Pure decisions: ``hosts`` (normalization), ``policy`` (YAML → Policy), ``identity``,
-``blocklist`` (suffix-map matcher), ``decision``, ``upload`` (caps and windows), ``scan``
-(marker automaton, verdicts), ``decode`` (body decoders), ``selector`` (override selectors),
-``units``. The proxy side: ``gateway`` (runtime and the one addon), ``adapters/`` (one per
-concern), ``flows`` (per-flow state, block responses), ``bodygate`` (the mitmproxy patches),
-``blockpage``. The log: ``auditlog`` (queue + writer), ``spool`` (durable on-disk queue),
-``store`` (ClickHouse). Around it: ``metrics``, ``console`` (admin API), ``cli``, ``ut1``,
-``faults`` (test-only failure injection).
+The layers, each importing only the ones below it:
+
+- ``cli`` — ``egress-guard …``: runs the gateway, manages accounts, talks to the admin API.
+- ``runtime`` — everything that faces mitmproxy: the one addon and its hook chain, the
+  concern adapters, the body gate, per-flow state, the scan worker pool, the settings.
+- ``console`` — the admin API and web console for admins, approvers and auditors; accounts.
+- ``requestlog`` — the request log: rows, queue, durable spool, ClickHouse store, evidence.
+- ``core`` — pure decisions and policy: hosts, policy files, blocklists, identities, upload
+  caps, the marker scanner and its decoders, block pages. Nothing here touches mitmproxy,
+  the network or the store.
+- ``metrics`` — the Prometheus metrics every layer counts into (a leaf).
 """
 
 __version__ = "0.1.0"

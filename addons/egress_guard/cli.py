@@ -26,10 +26,11 @@ from typing import Any
 
 import click
 
-from . import __version__, evidence
-from .policy import PolicyError, default_policy_dir, dump_yaml, load_policy
-from .store import COLUMN_NAMES, SUMMARY_COLUMNS, StoreError
-from .units import parse_size
+from . import __version__
+from .core.policy import PolicyError, default_policy_dir, dump_yaml, load_policy
+from .core.units import parse_size
+from .requestlog import evidence
+from .requestlog.store import COLUMN_NAMES, SUMMARY_COLUMNS, StoreError
 
 DATA_DIR_OPTION = click.option(
     "--data-dir",
@@ -142,7 +143,7 @@ def run(
     mitm_sets: tuple[str, ...],
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM; the request log is flushed on the way out."""
-    from .gateway import Gateway, GatewayConfig, parse_listen
+    from .runtime.gateway import Gateway, GatewayConfig, parse_listen
 
     try:
         listen_host, listen_port = parse_listen(listen, "--listen")
@@ -189,7 +190,7 @@ async def _serve(
 ) -> int:
     from mitmproxy import exceptions, master, options
 
-    from .gateway import (
+    from .runtime.gateway import (
         make_addons,
         mitmproxy_addons,
         quiet_cancelled_clients,
@@ -277,7 +278,7 @@ def policy() -> None:
 )
 def import_ut1(category: str, source: io.TextIOBase, output: io.TextIOBase) -> None:
     """Turn a UT1 'domains' or 'urls' FILE into rules of CATEGORY (e.g. cloud_drive)."""
-    from .ut1 import CREDIT, convert
+    from .core.ut1 import CREDIT, convert
 
     imported = convert(category, source)
     for line, entry, why in imported.skipped:
@@ -299,7 +300,7 @@ def account() -> None:
 
 
 def _book(data_dir: Path) -> Any:
-    from .accounts import AccountBook, accounts_path
+    from .console.accounts import AccountBook, accounts_path
 
     return AccountBook(accounts_path(_data_dir(data_dir)))
 
@@ -312,7 +313,7 @@ def _new_password(password_stdin: bool) -> str:
 
 @contextmanager
 def _account_errors() -> Iterator[None]:
-    from .accounts import AccountError
+    from .console.accounts import AccountError
 
     try:
         yield

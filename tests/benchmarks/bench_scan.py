@@ -37,8 +37,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
 import ahocorasick  # noqa: E402
 
 from documents import docx, pdf  # noqa: E402
-from egress_guard.policy import load_policy  # noqa: E402
-from egress_guard.scan import Marker, MarkerSet, scan_body  # noqa: E402
+from egress_guard.core.policy import load_policy  # noqa: E402
+from egress_guard.core.scan import Marker, MarkerSet, scan_body  # noqa: E402
 from harness import GatewayProcess, Upstream, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
 
-from egress_guard.units import format_size, parse_size  # noqa: E402
+from egress_guard.core.units import format_size, parse_size  # noqa: E402
 from harness import GatewayProcess, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
 

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
 
-from egress_guard.store import Store, default_dsn  # noqa: E402
+from egress_guard.requestlog.store import Store, default_dsn  # noqa: E402
 from harness import GatewayProcess, Upstream, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
 

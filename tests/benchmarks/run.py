@@ -276,7 +276,7 @@ def bench_lookup(rule_counts: tuple[int, ...], requests: int) -> dict:
     from mitmproxy.addons.blocklist import BlockList
     from mitmproxy.test import taddons, tflow
 
-    from egress_guard.blocklist import HostIndex, Reason, Rule
+    from egress_guard.core.blocklist import HostIndex, Reason, Rule
 
     hosts = [
         "www.unlisted-site.org",
@@ -325,9 +325,9 @@ def bench_lookup(rule_counts: tuple[int, ...], requests: int) -> dict:
 def bench_log_pipeline(rows: int, tmp: Path) -> dict:
     from datetime import UTC, datetime
 
-    from egress_guard.auditlog import AuditLog, RequestRow
-    from egress_guard.spool import Spool
-    from egress_guard.store import Store, default_dsn
+    from egress_guard.requestlog.auditlog import AuditLog, RequestRow
+    from egress_guard.requestlog.spool import Spool
+    from egress_guard.requestlog.store import Store, default_dsn
 
     store = Store(default_dsn(tmp / "pipeline"))
     store.migrate()

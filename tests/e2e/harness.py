@@ -26,7 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from egress_guard.accounts import AccountBook, accounts_path
+from egress_guard.console.accounts import AccountBook, accounts_path
 
 PAYLOAD = random.Random(20261121).randbytes(300_000)  # what GET /payload serves
 READY_LINE = "egress-guard ready"

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 from test_blockpage_browser import CHROMIUM, spki_hash
 
-from egress_guard.accounts import AccountBook, accounts_path
+from egress_guard.console.accounts import AccountBook, accounts_path
 from harness import GatewayProcess, curl
 from support import POLICIES
 

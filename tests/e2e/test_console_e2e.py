@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from egress_guard import console
-from egress_guard.accounts import AccountBook, accounts_path
+from egress_guard.console import app as console
+from egress_guard.console.accounts import AccountBook, accounts_path
 from harness import GatewayProcess, Reply, cli, curl
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from egress_guard.store import Store, default_dsn
+from egress_guard.requestlog.store import Store, default_dsn
 from harness import GatewayProcess, curl, free_port
 from support import policy_copy
 

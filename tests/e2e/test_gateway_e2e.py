@@ -291,7 +291,7 @@ def test_shutdown_flushes_the_queue_and_table_keeps_six_months(gw, upstream):
         curl(f"http://localhost:{upstream.http_port}/final-{i}", gw.proxy)
     assert gw.stop() == 0
     assert "Traceback" not in gw.text(), gw.text()
-    from egress_guard.store import Store, default_dsn
+    from egress_guard.requestlog.store import Store, default_dsn
 
     store = Store(default_dsn(gw.data_dir))
     try:

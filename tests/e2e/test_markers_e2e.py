@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import pytest
 
 from documents import LEGAL_ARTICLE, NEWS, docx, multipart, pdf
-from egress_guard.decode import Budget
+from egress_guard.core.decode import Budget
 from harness import GatewayProcess, curl, ws_session
 from support import policy_copy
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from egress_guard.accounts import (
+from egress_guard.console.accounts import (
     AccountBook,
     AccountError,
     hash_password,

@@ -1,6 +1,6 @@
 """Admin API authentication rules that do not need a running gateway."""
 
-from egress_guard.console import FailedLogins
+from egress_guard.console.app import FailedLogins
 
 
 class Clock:
@@ -33,7 +33,7 @@ def test_the_failure_table_stays_bounded():
 
 
 def _account(book_dir, roles=("auditor",), password="a long password here"):
-    from egress_guard.accounts import AccountBook
+    from egress_guard.console.accounts import AccountBook
 
     book = AccountBook(book_dir / "accounts.json")
     book.add("alice", roles, password)
@@ -41,7 +41,7 @@ def _account(book_dir, roles=("auditor",), password="a long password here"):
 
 
 def test_a_session_idles_out_and_has_a_hard_lifetime(tmp_path):
-    from egress_guard.console import Sessions
+    from egress_guard.console.app import Sessions
 
     clock = Clock()
     book = _account(tmp_path)
@@ -61,7 +61,7 @@ def test_a_session_idles_out_and_has_a_hard_lifetime(tmp_path):
 
 
 def test_a_session_ends_when_the_password_changes_or_the_account_goes(tmp_path):
-    from egress_guard.console import Sessions
+    from egress_guard.console.app import Sessions
 
     book = _account(tmp_path)
     sessions = Sessions(Clock())
@@ -76,7 +76,7 @@ def test_a_session_ends_when_the_password_changes_or_the_account_goes(tmp_path):
 
 
 def test_session_ids_are_fresh_and_the_table_is_bounded(tmp_path, monkeypatch):
-    from egress_guard.console import Sessions
+    from egress_guard.console.app import Sessions
 
     book = _account(tmp_path)
     monkeypatch.setattr(Sessions, "MAX", 50)

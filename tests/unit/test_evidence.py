@@ -6,8 +6,8 @@ import csv
 import io
 from datetime import UTC, datetime, timedelta, timezone
 
-from egress_guard.evidence import digest, to_csv
-from egress_guard.store import COLUMN_NAMES
+from egress_guard.requestlog.evidence import digest, to_csv
+from egress_guard.requestlog.store import COLUMN_NAMES
 
 ROW = {
     "ts": datetime(2026, 11, 21, 8, 30, 0, 123000),  # naive UTC, as the store returns it

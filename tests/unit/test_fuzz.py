@@ -10,8 +10,8 @@ import zlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egress_guard.decode import Budget, Unscannable, extract_texts
-from egress_guard.policy import PolicyError, load_policy
+from egress_guard.core.decode import Budget, Unscannable, extract_texts
+from egress_guard.core.policy import PolicyError, load_policy
 from support import POLICIES
 
 MARKERS = load_policy(POLICIES).markers

@@ -2,8 +2,8 @@
 
 import pytest
 
-from egress_guard.blocklist import HostIndex, Reason, Rule
-from egress_guard.hosts import normalize_host, normalize_path, validate_host_pattern
+from egress_guard.core.blocklist import HostIndex, Reason, Rule
+from egress_guard.core.hosts import normalize_host, normalize_path, validate_host_pattern
 
 R = Reason("en", "zh")
 

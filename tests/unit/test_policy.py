@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from egress_guard.decision import RequestFacts, decide, needs_interception
-from egress_guard.policy import PolicyError, PolicyWatcher, load_policy
+from egress_guard.core.decision import RequestFacts, decide, needs_interception
+from egress_guard.core.policy import PolicyError, PolicyWatcher, load_policy
 from support import POLICIES
 
 GOOD = """\

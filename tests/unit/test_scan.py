@@ -12,9 +12,9 @@ import pytest
 import zstandard
 
 from documents import LEGAL_ARTICLE, NEWS, docx, multipart, odt, pdf, pptx, xlsx, zip_of
-from egress_guard.decode import Budget, Unscannable, extract_texts, texts_of
-from egress_guard.policy import load_policy
-from egress_guard.scan import Marker, MarkerSet, StreamScanner, scan_body
+from egress_guard.core.decode import Budget, Unscannable, extract_texts, texts_of
+from egress_guard.core.policy import load_policy
+from egress_guard.core.scan import Marker, MarkerSet, StreamScanner, scan_body
 from support import POLICIES
 
 POLICY = load_policy(POLICIES).markers
@@ -67,7 +67,7 @@ def test_invisible_characters_between_every_letter(text):
 def test_anchors_keep_the_automaton_root_small():
     # Every Chinese marking is entered from 密 (or another shared character): the root of the
     # automaton has few children, so a pass costs about as much as a bare pass.
-    from egress_guard.scan import choose_anchors, spellings
+    from egress_guard.core.scan import choose_anchors, spellings
 
     keys = [sp for m in SHIPPED.markers for p in m.patterns for sp in spellings(p)]
     anchors = choose_anchors(keys)

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from egress_guard.auditlog import AuditLog, RequestRow, pack_rows, unpack_rows
-from egress_guard.spool import Spool, SpoolFull
-from egress_guard.store import RequestFilter, Store, StoreError, default_dsn
+from egress_guard.requestlog.auditlog import AuditLog, RequestRow, pack_rows, unpack_rows
+from egress_guard.requestlog.spool import Spool, SpoolFull
+from egress_guard.requestlog.store import RequestFilter, Store, StoreError, default_dsn
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 

@@ -4,14 +4,14 @@ and the Uploads addon on mitmproxy's test flows."""
 import pytest
 from mitmproxy.test import tflow, tutils
 
-from egress_guard.adapters.blocklist import Blocklist
-from egress_guard.adapters.identity import Identity
-from egress_guard.adapters.uploads import Uploads
-from egress_guard.bodygate import declared_length
-from egress_guard.gateway import Gateway
-from egress_guard.policy import PolicyError, PolicyWatcher, load_policy
-from egress_guard.units import parse_size
-from egress_guard.upload import Limits, UploadGate, UploadWindows, check, limits_for
+from egress_guard.core.policy import PolicyError, PolicyWatcher, load_policy
+from egress_guard.core.units import parse_size
+from egress_guard.core.upload import Limits, UploadGate, UploadWindows, check, limits_for
+from egress_guard.runtime.adapters.blocklist import Blocklist
+from egress_guard.runtime.adapters.identity import Identity
+from egress_guard.runtime.adapters.uploads import Uploads
+from egress_guard.runtime.bodygate import declared_length
+from egress_guard.runtime.gateway import Gateway
 
 MiB = 1024 * 1024
 
@@ -114,26 +114,18 @@ def test_gate_counts_streamed_bytes_and_refuses_when_crossing():
     clock = Clock()
     windows = UploadWindows(3600, clock)
     windows.add("alice", 50)  # earlier uploads
-    refused = []
-    gate = UploadGate(
-        Limits(1000, 200, 3600, "r", "u"),
-        windows,
-        "alice",
-        lambda hit: refused.append(hit) or "refusal",
-    )
+    gate = UploadGate(Limits(1000, 200, 3600, "r", "u"), windows, "alice")
     assert gate.feed(b"x" * 100) is None
     assert windows.used("alice") == 150
-    assert gate.feed(b"x" * 51) == "refusal"  # 50 + 151 > 200
-    assert refused[0].kind == "per_user" and refused[0].used == 50
+    hit = gate.feed(b"x" * 51)  # 50 + 151 > 200
+    assert hit is not None and hit.kind == "per_user" and hit.used == 50
     assert gate.seen == 100 and windows.used("alice") == 150  # the refused chunk never counted
 
 
 def test_gate_does_not_count_announced_bytes_twice():
     windows = UploadWindows(3600, Clock())
     windows.add("bob", 300)  # reserved at the headers for a 300-byte body
-    gate = UploadGate(
-        Limits(1000, 400, 3600, "r", "u"), windows, "bob", lambda hit: "no", reserved=300
-    )
+    gate = UploadGate(Limits(1000, 400, 3600, "r", "u"), windows, "bob", reserved=300)
     assert gate.feed(b"x" * 300) is None
     assert windows.used("bob") == 300
     assert gate.feed(b"x" * 50) is None  # more than announced: now it counts

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from egress_guard.decision import RequestFacts, decide
-from egress_guard.policy import load_policy
+from egress_guard.core.decision import RequestFacts, decide
+from egress_guard.core.policy import load_policy
 from support import UT1
 
 pytestmark = pytest.mark.skipif(not UT1.is_dir(), reason="shared/data/ut1 not beside the repo")

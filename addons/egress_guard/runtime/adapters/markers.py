@@ -9,15 +9,13 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from .. import bodygate, metrics
-from ..decode import looks_binary
-from ..flows import (
-    STATE,
-    FlowState,
-    marker_response,
-)
-from ..hosts import normalize_host
-from ..scan import MarkerPolicy, ScanResult, StreamScanner
+from egress_guard import metrics
+from egress_guard.core.decode import looks_binary
+from egress_guard.core.hosts import normalize_host
+from egress_guard.core.scan import MarkerPolicy, ScanResult, StreamScanner
+
+from .. import bodygate
+from ..flows import STATE, FlowState, marker_response
 
 if TYPE_CHECKING:
     from ..gateway import Gateway

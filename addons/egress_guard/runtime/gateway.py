@@ -29,22 +29,31 @@ from typing import Any
 from mitmproxy import connection, ctx
 from mitmproxy.addonmanager import Loader
 
-from . import bodygate, console, metrics
-from .accounts import AccountBook, accounts_path
+from egress_guard import metrics
+from egress_guard.console import app as console
+from egress_guard.console.accounts import AccountBook, accounts_path
+from egress_guard.core.hosts import split_host_port
+from egress_guard.core.identity import Who
+from egress_guard.core.policy import (
+    Policy,
+    PolicyError,
+    PolicyWatcher,
+    default_policy_dir,
+    load_policy,
+)
+from egress_guard.core.scan import MarkerPolicy, ScanResult, scan_body, scan_in_worker
+from egress_guard.core.units import parse_size
+from egress_guard.core.upload import UploadWindows
+from egress_guard.requestlog.auditlog import AuditLog, RequestRow
+from egress_guard.requestlog.spool import Spool
+from egress_guard.requestlog.store import Store, default_dsn, describe_dsn
+
+from . import bodygate
 from .adapters.audit import Audit
 from .adapters.blocklist import Blocklist
 from .adapters.identity import Identity
 from .adapters.markers import Markers
 from .adapters.uploads import Uploads
-from .auditlog import AuditLog, RequestRow
-from .hosts import split_host_port
-from .identity import Who
-from .policy import Policy, PolicyError, PolicyWatcher, default_policy_dir, load_policy
-from .scan import MarkerPolicy, ScanResult, scan_body, scan_in_worker
-from .spool import Spool
-from .store import Store, default_dsn, describe_dsn
-from .units import parse_size
-from .upload import UploadWindows
 
 log = logging.getLogger("egress_guard")
 

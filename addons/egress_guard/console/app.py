@@ -51,16 +51,18 @@ import tornado.web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import evidence, metrics
-from .accounts import ROLES, Account, AccountBook, AccountError, verify_password
-from .store import (
+from egress_guard import metrics
+from egress_guard.core.units import parse_time
+from egress_guard.requestlog import evidence
+from egress_guard.requestlog.store import (
     CONSOLE_EVENT_NAMES,
     MAX_QUERY_ROWS,
     SUMMARY_COLUMNS,
     RequestFilter,
     Store,
 )
-from .units import parse_time
+
+from .accounts import ROLES, Account, AccountBook, AccountError, verify_password
 
 log = logging.getLogger("egress_guard.console")
 

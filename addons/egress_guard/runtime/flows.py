@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 
 from mitmproxy import connection, http
 
-from . import blockpage
-from .decision import Decision
-from .hosts import normalize_host, split_host_port
-from .identity import Who
-from .scan import Verdict
-from .upload import CapHit, Limits, UploadGate, describe
+from egress_guard.core import blockpage
+from egress_guard.core.decision import Decision
+from egress_guard.core.hosts import normalize_host, split_host_port
+from egress_guard.core.identity import Who
+from egress_guard.core.scan import Verdict
+from egress_guard.core.upload import CapHit, Limits, UploadGate, describe
 
 log = logging.getLogger("egress_guard")
 

@@ -9,14 +9,16 @@ from mitmproxy import http
 from mitmproxy.proxy import layers, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from .. import bodygate
-from ..decision import Decision, RequestFacts, decide, is_passthrough, needs_interception
-from ..flows import (
-    STATE,
-    FlowState,
-    blocked_response,
-    request_hosts,
+from egress_guard.core.decision import (
+    Decision,
+    RequestFacts,
+    decide,
+    is_passthrough,
+    needs_interception,
 )
+
+from .. import bodygate
+from ..flows import STATE, FlowState, blocked_response, request_hosts
 
 if TYPE_CHECKING:
     from ..gateway import Gateway

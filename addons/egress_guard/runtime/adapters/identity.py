@@ -6,14 +6,10 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http, tcp
 
-from ..decision import ALLOW
-from ..flows import (
-    STATE,
-    FlowState,
-    client_ip,
-    proxyauth_user,
-)
-from ..identity import Who, identify
+from egress_guard.core.decision import ALLOW
+from egress_guard.core.identity import Who, identify
+
+from ..flows import STATE, FlowState, client_ip, proxyauth_user
 
 if TYPE_CHECKING:
     from ..gateway import Gateway

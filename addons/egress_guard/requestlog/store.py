@@ -19,8 +19,9 @@ from typing import Any
 
 import clickhouse_connect
 
+from egress_guard.core.policy import RETENTION_MIN_MONTHS
+
 from . import faults
-from .policy import RETENTION_MIN_MONTHS
 
 REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ts", "DateTime64(3, 'UTC')"),

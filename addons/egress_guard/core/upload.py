@@ -1,9 +1,9 @@
 """Upload caps: which byte limits apply to a request, whether it is over them, and the rolling
 per-user window that counts every upload of a user across requests and connections.
 
-``limits_for`` and ``check_declared`` are pure; ``UploadWindows`` is the accounting (an
-injectable clock, no sleeping); ``UploadGate`` counts a streamed body chunk by chunk and says
-when it crosses a cap. The addon in ``gateway`` carries the answers out through ``bodygate``.
+``limits_for`` and ``check`` are pure; ``UploadWindows`` is the accounting (an injectable
+clock, no sleeping); ``UploadGate`` counts a streamed body chunk by chunk and says when it
+crosses a cap. The uploads adapter (``runtime``) turns a ``CapHit`` into a refusal.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from mitmproxy import http
 
 from .selector import Selector
 from .units import format_size
@@ -158,26 +156,17 @@ class UploadGate:
     """Counts one streamed body. Bytes beyond ``reserved`` (what the headers declared and the
     window already holds) go into the window as they pass."""
 
-    hold_last = False
-
-    def __init__(
-        self,
-        limits: Limits,
-        windows: UploadWindows,
-        key: str,
-        refuse: Callable[[CapHit], http.Response],
-        reserved: int = 0,
-    ):
+    def __init__(self, limits: Limits, windows: UploadWindows, key: str, reserved: int = 0):
         self.limits = limits
         self.windows = windows
         self.key = key
-        self.refuse = refuse
         self.reserved = reserved
         self.seen = 0
         self.counted = 0  # bytes this gate put into the window
         self.hit: CapHit | None = None
 
-    def feed(self, data: bytes) -> http.Response | None:
+    def feed(self, data: bytes) -> CapHit | None:
+        """Count a chunk; the cap it would cross (the chunk is then not counted), or None."""
         size = self.seen + len(data)
         extra = max(0, size - max(self.reserved, self.seen))  # bytes new to the window
         mine = self.reserved + self.counted  # this request's bytes the window already holds
@@ -185,7 +174,7 @@ class UploadGate:
         hit = check(self.limits, size, others)
         if hit is not None:
             self.hit = hit
-            return self.refuse(hit)
+            return hit
         self.seen = size
         if extra and self.limits.per_user is not None:
             self.windows.add(self.key, extra)

@@ -10,18 +10,14 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import connection, http, tcp, tls, websocket
 
-from .. import bodygate, metrics
-from ..auditlog import RequestRow, bounded, utc_from_timestamp
-from ..decision import ALLOW, RequestFacts, decide
-from ..flows import (
-    STATE,
-    FlowState,
-    audit_unavailable_response,
-    client_ip,
-    header_bytes,
-)
-from ..hosts import normalize_host
-from ..identity import Who, identify
+from egress_guard import metrics
+from egress_guard.core.decision import ALLOW, RequestFacts, decide
+from egress_guard.core.hosts import normalize_host
+from egress_guard.core.identity import Who, identify
+from egress_guard.requestlog.auditlog import RequestRow, bounded, utc_from_timestamp
+
+from .. import bodygate
+from ..flows import STATE, FlowState, audit_unavailable_response, client_ip, header_bytes
 
 if TYPE_CHECKING:
     from ..gateway import Gateway

@@ -9,19 +9,29 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http, tcp
 
+from egress_guard.core.decision import RequestFacts, decide
+from egress_guard.core.hosts import normalize_host
+from egress_guard.core.upload import CapHit, Limits, UploadGate, check, limits_for
+
 from .. import bodygate
-from ..decision import RequestFacts, decide
-from ..flows import (
-    STATE,
-    FlowState,
-    cap_response,
-    window_key,
-)
-from ..hosts import normalize_host
-from ..upload import CapHit, Limits, UploadGate, check, limits_for
+from ..flows import STATE, FlowState, cap_response, window_key
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
+
+
+class CapGate:
+    """The body gate for upload caps: counts each chunk, a refusal when it crosses a cap."""
+
+    hold_last = False
+
+    def __init__(self, counter: UploadGate, refuse: Callable[[CapHit], http.Response]):
+        self.counter = counter
+        self.refuse = refuse
+
+    def feed(self, data: bytes) -> http.Response | None:
+        hit = self.counter.feed(data)
+        return None if hit is None else self.refuse(hit)
 
 
 class Uploads:
@@ -60,10 +70,8 @@ class Uploads:
                 windows.add(key, declared)
                 state.window_bytes = reserved = declared
         if declared is None or declared > self.gw.policy.uploads.stream_above:
-            state.gate = UploadGate(
-                limits, windows, key, lambda hit: self._refuse(flow, state, hit), reserved
-            )
-            bodygate.add_gate(flow, state.gate)
+            state.gate = UploadGate(limits, windows, key, reserved)
+            bodygate.add_gate(flow, CapGate(state.gate, lambda hit: self._refuse(flow, state, hit)))
 
     def request(self, flow: http.HTTPFlow) -> None:
         """A buffered body nobody announced the size of (HTTP/2 without Content-Length): check
@@ -117,12 +125,9 @@ class Uploads:
         # per-request cap.
         tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
         state.gate = UploadGate(
-            tunnel_limits,
-            self.gw.windows,
-            window_key(state.who, flow.client_conn),
-            self._tunnel_refused(state),
+            tunnel_limits, self.gw.windows, window_key(state.who, flow.client_conn)
         )
-        bodygate.add_gate(flow, state.gate)
+        bodygate.add_gate(flow, CapGate(state.gate, self._tunnel_refused(state)))
 
     @staticmethod
     def _tunnel_refused(state: FlowState) -> Callable[[CapHit], http.Response]:
