@@ -14,6 +14,6 @@ try:
 except ImportError:  # a plain checkout: the package sits next to this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from egress_guard.runtime.gateway import make_addons
+from egress_guard.runtime.addon import make_addons
 
 addons = make_addons()

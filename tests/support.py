@@ -30,3 +30,36 @@ def run_benchmark(script: str, *args: str):
         timeout=300,
         check=False,
     )
+
+
+class FakeRuntime:
+    """What the adapters see of the gateway (``adapters.Runtime``), in process: the shipped
+    policy (or one given), a settable clock, the rows recorded, and an inline scan pool."""
+
+    def __init__(self, policy_dir: Path = POLICIES, now: float = 1_800_000_000.0):
+        from egress_guard.core.policy import load_policy
+        from egress_guard.core.upload import UploadWindows
+        from egress_guard.runtime.scanpool import ScanPool
+
+        self.now = now
+        self._policy = load_policy(policy_dir)
+        self.windows = UploadWindows(self._policy.uploads.window_seconds, self.clock)
+        self.scans = ScanPool()
+        self.tunnels: dict = {}
+        self.rows: list = []
+        self.fails_closed = True
+        self.audit_accepting = True
+
+    def clock(self) -> float:
+        return self.now
+
+    @property
+    def policy(self):
+        return self._policy
+
+    def refuses_for_audit(self) -> bool:
+        return self.fails_closed and not self.audit_accepting
+
+    def record(self, row):
+        self.rows.append(row)
+        return None

@@ -190,12 +190,8 @@ async def _serve(
 ) -> int:
     from mitmproxy import exceptions, master, options
 
-    from .runtime.gateway import (
-        make_addons,
-        mitmproxy_addons,
-        quiet_cancelled_clients,
-        skip_test_task_names,
-    )
+    from .runtime.addon import make_addons, mitmproxy_addons, skip_test_task_names
+    from .runtime.gateway import quiet_cancelled_clients
 
     skip_test_task_names()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from egress_guard.runtime.gateway import mitmproxy_addons, skip_test_task_names
+from egress_guard.runtime.addon import mitmproxy_addons, skip_test_task_names
 
 
 def test_tasks_are_named_without_an_environment_lookup_each_time():

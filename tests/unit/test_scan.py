@@ -334,3 +334,33 @@ def test_ordinary_text_with_many_markers_is_still_scanned():
     text = ("核心商密★ 季度报告，销售数据。" * 2000).encode()
     result = scan_body(SHIPPED, text, "text/plain", "", POLICY.limits)
     assert not result.unscannable and result.found
+
+
+def test_a_reloaded_policy_is_never_scanned_with_the_previous_automaton():
+    """Workers cache automata by the marker set's content. Keyed by ``id()``, a new marker set
+    allocated where a freed one lived got the old automaton; here the old and the new set
+    share an id on purpose (the same object, its markers replaced as a reload would)."""
+    from egress_guard.core import scan
+    from egress_guard.core.scan import ScanLimits, scan_in_worker
+
+    old = MarkerSet((Marker("m.old", "L1", "block", ("旧标记",)),))
+    new = MarkerSet((Marker("m.new", "L1", "block", ("新标记",)),))
+    body = "正文 旧标记 新标记".encode()
+    scan.__dict__["_WORKER_SETS"].clear()
+    first = scan_in_worker(old.digest, old.markers, (), body, "", "", ScanLimits())
+    assert [old.markers[i].id for i in first.found] == ["m.old"]
+    second = scan_in_worker(new.digest, new.markers, (), body, "", "", ScanLimits())
+    assert [new.markers[i].id for i in second.found] == ["m.new"]
+    assert old.digest != new.digest
+    assert MarkerSet(old.markers).digest == old.digest  # equal content, equal key
+
+
+def test_a_worker_scans_a_held_body_from_its_file(tmp_path):
+    from egress_guard.core.scan import ScanLimits, scan_in_worker
+
+    held = tmp_path / "held"
+    held.write_bytes("第一行\n机密★5年\n".encode())
+    result = scan_in_worker(
+        SHIPPED.digest, SHIPPED.markers, SHIPPED.suppress, str(held), "", "", ScanLimits()
+    )
+    assert result.found and not result.unscannable

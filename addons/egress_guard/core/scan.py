@@ -13,6 +13,7 @@ Matches never leave this module as text: callers get marker ids and levels.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -188,9 +189,11 @@ class MarkerSet:
     markers: tuple[Marker, ...]
     suppress: tuple[str, ...] = ()
     max_pattern: int = 0
+    digest: str = ""  # of the markers and suppress phrases: equal content, equal digest
     _automaton: ahocorasick.Automaton = field(default_factory=ahocorasick.Automaton, repr=False)
 
     def __post_init__(self) -> None:
+        self.digest = hashlib.sha256(repr((self.markers, self.suppress)).encode()).hexdigest()
         # (kind, index, spelling) for every spelling of every marker and suppress phrase
         spelled: list[tuple[int, int, str]] = [
             (_MARKER, i, sp)
@@ -431,23 +434,29 @@ def scan_body(
 
 
 # --- worker processes -------------------------------------------------------------------------
-# Large bodies are scanned in a process pool: the proxy's event loop (one thread) keeps
-# serving while they are, and the GIL is not shared. Workers build a policy's automaton once.
+# Large bodies are scanned in a process pool (``runtime.scanpool``): workers build a policy's
+# automaton once and keep it under the marker set's content digest, so a reloaded policy is
+# never scanned with an older one's automaton.
 
-_WORKER_SETS: dict[int, MarkerSet] = {}
+_WORKER_SETS: dict[str, MarkerSet] = {}
 
 
 def scan_in_worker(
-    key: int,
+    digest: str,
     markers: tuple[Marker, ...],
     suppress: tuple[str, ...],
-    data: bytes,
+    data: bytes | str,
     content_type: str,
     content_encoding: str,
     limits: ScanLimits,
 ) -> ScanResult:
-    marker_set = _WORKER_SETS.get(key)
+    """Scan ``data`` (a body, or the path of a file holding it) with the marker set whose
+    content digest is ``digest``."""
+    marker_set = _WORKER_SETS.get(digest)
     if marker_set is None:
         _WORKER_SETS.clear()
-        marker_set = _WORKER_SETS[key] = MarkerSet(markers, suppress)
+        marker_set = _WORKER_SETS[digest] = MarkerSet(markers, suppress)
+    if isinstance(data, str):
+        with open(data, "rb") as f:
+            data = f.read()
     return scan_body(marker_set, data, content_type, content_encoding, limits)

@@ -1,59 +1,34 @@
-"""Gateway: the runtime the adapters share (policy, store, audit log, upload windows, scan pool,
-servers), its startup and shutdown, and the one addon mitmproxy sees.
-
-``EgressGuard`` calls, for every hook, Setup (here) and then the adapters in ``adapters/`` in
-this order: Identity → Blocklist → Uploads → Markers → Audit. Each adapter turns a flow into
-plain values, calls the pure functions (``identity``, ``decision``, ``upload``, ``scan``) and
-acts on the answer; refusals that cannot wait for the body go through ``bodygate``. Per-flow
-state lives in ``flow.metadata`` (``flows``); the only per-connection state is who opened a
-CONNECT, dropped when the client disconnects.
+"""Gateway: the runtime the adapters share — the current policy, the clock, the upload windows,
+the scan pool, the request log — with its startup and shutdown and the servers beside the proxy
+(console, admin API, metrics). The adapters see it through the narrow ``adapters.Runtime``
+interface; the addon mitmproxy sees is in ``addon``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import multiprocessing
-import os
-import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import connection, ctx
-from mitmproxy.addonmanager import Loader
-
 from egress_guard import metrics
 from egress_guard.console import app as console
 from egress_guard.console.accounts import AccountBook, accounts_path
 from egress_guard.core.hosts import split_host_port
-from egress_guard.core.identity import Who
-from egress_guard.core.policy import (
-    Policy,
-    PolicyError,
-    PolicyWatcher,
-    default_policy_dir,
-    load_policy,
-)
-from egress_guard.core.scan import MarkerPolicy, ScanResult, scan_body, scan_in_worker
-from egress_guard.core.units import parse_size
+from egress_guard.core.policy import Policy, PolicyWatcher, load_policy
 from egress_guard.core.upload import UploadWindows
 from egress_guard.requestlog.auditlog import AuditLog, RequestRow
 from egress_guard.requestlog.spool import Spool
 from egress_guard.requestlog.store import Store, default_dsn, describe_dsn
 
-from . import bodygate
-from .adapters.audit import Audit
-from .adapters.blocklist import Blocklist
-from .adapters.identity import Identity
-from .adapters.markers import Markers
-from .adapters.uploads import Uploads
+from .flows import FlowState
+from .scanpool import ScanPool
 
 log = logging.getLogger("egress_guard")
 
@@ -104,9 +79,9 @@ class Gateway:
         self.watcher: PolicyWatcher | None = None
         self.store: Store | None = None
         self.audit: AuditLog | None = None
-        self.connect_who: dict[str, Who] = {}
+        self.tunnels: dict[str, FlowState] = {}  # the CONNECT's state, by client connection
         self.windows = UploadWindows(24 * 3600, clock)
-        self._scan_pool: ProcessPoolExecutor | None = None
+        self.scans = ScanPool()
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._remote_task: asyncio.Task[None] | None = None
@@ -207,66 +182,19 @@ class Gateway:
                 f"{where}{', created now' if created else ''}; accounts: egress-guard account)"
             )
         loop = asyncio.get_running_loop()
-        self.warm_scan_pool()
+        if self.policy.markers.active:
+            self.scans.warm()
         self._watch_task = loop.create_task(self._watch_policy())
         if not self.store.embedded:  # other nodes may write to a shared server
             self._remote_task = loop.create_task(self._refresh_remote_windows())
         return lines
-
-    # --- scanning ---
-
-    INLINE_SCAN_BYTES = 128 * 1024  # smaller bodies are scanned on the event loop (< 1 ms)
-
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._scan_pool is None:
-            # spawn, not fork: the workers need the scanner, not the store engine or the loop.
-            workers = max(1, (os.cpu_count() or 2) - 1)
-            self._scan_pool = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=os.nice,  # the proxy's own loop comes first
-                initargs=(10,),
-            )
-        return self._scan_pool
-
-    async def scan(
-        self, policy: MarkerPolicy, data: bytes, content_type: str, content_encoding: str
-    ) -> ScanResult:
-        """Scan a whole body: inline when small, else in a worker process so the proxy's
-        event loop keeps serving everyone else."""
-        start = time.perf_counter()
-        markers = policy.markers
-        if len(data) <= self.INLINE_SCAN_BYTES:
-            result = scan_body(markers, data, content_type, content_encoding, policy.limits)
-            metrics.SCAN_SECONDS.labels("inline").observe(time.perf_counter() - start)
-            return result
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            self._pool(),
-            scan_in_worker,
-            id(markers),
-            markers.markers,
-            markers.suppress,
-            data,
-            content_type,
-            content_encoding,
-            policy.limits,
-        )
-        metrics.SCAN_SECONDS.labels("worker").observe(time.perf_counter() - start)
-        return result
-
-    def warm_scan_pool(self) -> None:
-        """Start the worker processes now rather than on the first large upload."""
-        if self.policy.markers.active:
-            self._pool().submit(len, b"")
 
     def stop(self) -> None:
         """Stop servers, flush the audit queue, close the store. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
-        if self._scan_pool is not None:
-            self._scan_pool.shutdown(wait=False, cancel_futures=True)
+        self.scans.shutdown()
         for task in (self._watch_task, self._remote_task, self._accounts_task):
             if task:
                 task.cancel()
@@ -372,224 +300,11 @@ class Gateway:
         metrics.REQUESTS.labels(row.kind, row.decision, row.reason_kind, row.category).inc()
         return self.audit.submit(row) if self.audit is not None else None
 
+    @property
+    def fails_closed(self) -> bool:
+        """Requests are refused while the request log cannot keep their rows."""
+        return self.config is not None and self.config.audit_fail == "closed"
+
     def refuses_for_audit(self) -> bool:
         """Fail closed: the request log cannot keep rows, so no request may pass unlogged."""
-        return (
-            self.audit is not None
-            and not self.audit.accepting
-            and self.config is not None
-            and self.config.audit_fail == "closed"
-        )
-
-
-class Setup:
-    """Options, startup and shutdown. With ``egress-guard run`` the CLI starts the gateway
-    before mitmproxy; with ``mitmdump -s`` this addon starts it from the ``egress_*`` options."""
-
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "egress_policies", str, str(default_policy_dir()), "Policy directory (YAML files)."
-        )
-        loader.add_option(
-            "egress_data_dir",
-            str,
-            DEFAULT_DATA_DIR,
-            "State directory: embedded store, admin token.",
-        )
-        loader.add_option(
-            "egress_clickhouse",
-            str,
-            "",
-            "ClickHouse DSN; empty = embedded chdb under egress_data_dir.",
-        )
-        loader.add_option(
-            "egress_admin", str, "127.0.0.1:8081", "Admin API HOST:PORT; empty = off."
-        )
-        loader.add_option(
-            "egress_metrics", str, "127.0.0.1:9464", "Prometheus /metrics HOST:PORT; empty = off."
-        )
-        loader.add_option(
-            "egress_node", str, socket.gethostname(), "Node name written into every log row."
-        )
-        loader.add_option("egress_spool_max", str, "2GiB", "Disk for rows not yet stored.")
-        loader.add_option(
-            "egress_audit_fail",
-            str,
-            "closed",
-            "closed: refuse requests when rows cannot be kept; open: forward.",
-        )
-        loader.add_option(
-            "egress_audit_sync",
-            str,
-            "batch",
-            "batch: rows reach disk every 0.5 s; request: responses wait for it.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        # A blocked host must never be contacted: no upstream connection before the first
-        # request is decided, so no early DNS lookup or TCP connect at CONNECT time.
-        if ctx.options.connection_strategy != "lazy":
-            ctx.options.connection_strategy = "lazy"
-
-    def running(self) -> None:
-        if not self.gw.started:
-            opts = ctx.options
-            config = GatewayConfig(
-                policies=Path(opts.egress_policies).expanduser(),
-                data_dir=Path(opts.egress_data_dir).expanduser(),
-                clickhouse=opts.egress_clickhouse,
-                admin=opts.egress_admin,
-                metrics=opts.egress_metrics,
-                node=opts.egress_node,
-                spool_max=parse_size(opts.egress_spool_max),
-                audit_fail=opts.egress_audit_fail,
-                audit_sync=opts.egress_audit_sync == "request",
-            )
-            try:
-                for line in self.gw.start(config):
-                    print(line, flush=True)
-            except PolicyError as e:
-                log.error("invalid policy, not starting:\n%s", e)
-                ctx.master.shutdown()
-                return
-            except Exception as e:
-                log.error("cannot start egress-guard: %s", e)
-                ctx.master.shutdown()
-                return
-        for line in self.gw.start_servers(Path(ctx.options.confdir).expanduser()):
-            print(line, flush=True)
-        print("egress-guard ready", flush=True)
-
-    def done(self) -> None:
-        self.gw.stop()
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.gw.connect_who.pop(client.id, None)
-
-
-class EgressGuard:
-    """The one addon mitmproxy sees. It calls the concern adapters above in hook order.
-
-    mitmproxy wraps every call of every addon's hook in its own error-handling context; with
-    six addons that dispatch cost more per request than all of the gateway's own decisions
-    (py-spy under load). One addon, calling the adapters directly, pays it once per hook.
-    An adapter's coroutine is awaited before the next adapter runs, as mitmproxy would.
-    """
-
-    name = "egress_guard"
-
-    def __init__(self, gateway: Gateway):
-        self.parts = (
-            Setup(gateway),
-            Identity(gateway),
-            Blocklist(gateway),
-            Uploads(gateway),
-            Markers(gateway),
-            Audit(gateway),
-        )
-
-    def _chain(self, hook: str) -> tuple[Callable[..., Any], ...]:
-        return tuple(m for part in self.parts if (m := getattr(part, hook, None)) is not None)
-
-    @staticmethod
-    async def _finish(
-        pending: Awaitable[Any], rest: tuple[Callable[..., Any], ...], args: tuple[Any, ...]
-    ) -> None:
-        await pending
-        for method in rest:
-            result = method(*args)
-            if result is not None and inspect.isawaitable(result):
-                await result
-
-
-def _dispatch(hook: str) -> Callable[..., Any]:
-    def call(self: EgressGuard, *args: Any) -> Awaitable[None] | None:
-        chain = self._chains.get(hook)
-        if chain is None:
-            chain = self._chains[hook] = self._chain(hook)
-        for i, method in enumerate(chain):
-            result = method(*args)
-            if result is not None and inspect.isawaitable(result):
-                return self._finish(result, chain[i + 1 :], args)
-        return None
-
-    call.__name__ = hook
-    return call
-
-
-EgressGuard._chains = {}  # type: ignore[attr-defined]
-for _hook in sorted(
-    {
-        name
-        for cls in (Setup, Identity, Blocklist, Uploads, Markers, Audit)
-        for name in vars(cls)
-        if not name.startswith("_") and name != "name" and callable(vars(cls)[name])
-    }
-    - {"SLICE"}
-):
-    setattr(EgressGuard, _hook, _dispatch(_hook))
-
-
-def mitmproxy_addons() -> list[object]:
-    """The mitmproxy addons ``egress-guard run`` loads: what a gateway needs, not the
-    interactive tool's kit (replay, export, map local/remote, header rewriting, HAR files…).
-
-    mitmproxy calls every hook on every addon in its chain, implemented or not, and under
-    load that dispatch is most of the proxy's own CPU time; 10 addons instead of 34 make each
-    request cheaper. Someone who wants the rest runs ``mitmdump -s egress_guard_addon.py``.
-    """
-    from mitmproxy.addons import (
-        block,
-        core,
-        disable_h2c,
-        errorcheck,
-        next_layer,
-        proxyauth,
-        proxyserver,
-        script,
-        tlsconfig,
-        upstream_auth,
-    )
-
-    return [
-        core.Core(),
-        block.Block(),  # block_global: no open proxy for the internet
-        disable_h2c.DisableH2C(),  # no h2c upgrades past the HTTP/1 checks
-        proxyauth.ProxyAuth(),  # identity
-        proxyserver.Proxyserver(),
-        script.ScriptLoader(),  # the admin's own extra scripts (--set scripts=…)
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        upstream_auth.UpstreamAuth(),  # a parent proxy that wants credentials
-        errorcheck.ErrorCheck(),  # exit 1 on startup errors (port in use, bad options)
-    ]
-
-
-def skip_test_task_names() -> None:
-    """mitmproxy 11 names every task it creates (several per request) and, for its own test
-    suite, looks up ``PYTEST_CURRENT_TEST`` in the environment each time; the miss raises and
-    catches a KeyError inside ``os.environ.get``. That lookup was about 8 % of the proxy
-    loop's busy time under small-request load. ``egress-guard run`` names tasks the same way
-    without it (only if the function still has the shape this was written for)."""
-    from mitmproxy.utils import asyncio_utils
-
-    def set_task_debug_info(
-        task: asyncio.Task[Any], *, name: str, client: tuple[Any, ...] | None = None
-    ) -> None:
-        task.created = time.time()  # type: ignore[attr-defined]
-        task.set_name(name)
-        if client:
-            task.client = client  # type: ignore[attr-defined]
-
-    if asyncio_utils.set_task_debug_info.__code__.co_varnames[:3] == ("task", "name", "client"):
-        asyncio_utils.set_task_debug_info = set_task_debug_info  # else: another mitmproxy
-
-
-def make_addons(gateway: Gateway | None = None) -> list[object]:
-    bodygate.install()
-    guard = EgressGuard(gateway or Gateway())
-    guard._chains = {}  # type: ignore[attr-defined]
-    return [guard]
+        return self.audit is not None and not self.audit.accepting and self.fails_closed

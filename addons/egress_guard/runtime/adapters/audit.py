@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import connection, http, tcp, tls, websocket
 
 from egress_guard import metrics
-from egress_guard.core.decision import ALLOW, RequestFacts, decide
+from egress_guard.core.decision import ALLOW
 from egress_guard.core.hosts import normalize_host
 from egress_guard.core.identity import Who, identify
 from egress_guard.requestlog.auditlog import RequestRow, bounded, utc_from_timestamp
@@ -20,21 +20,21 @@ from .. import bodygate
 from ..flows import STATE, FlowState, audit_unavailable_response, client_ip, header_bytes
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from . import Runtime
 
 
 class Audit:
     """One row per CONNECT, request, WebSocket and failed or passed-through tunnel."""
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(self, rt: Runtime):
+        self.rt = rt
 
     def _http_row(self, flow: http.HTTPFlow, state: FlowState | None, kind: str) -> RequestRow:
         req = flow.request
         resp = flow.response
         who = state.who if state else Who("")
         decision = state.decision if state else ALLOW
-        end = (resp.timestamp_end if resp and resp.timestamp_end else None) or self.gw.clock()
+        end = (resp.timestamp_end if resp and resp.timestamp_end else None) or self.rt.clock()
         if state is not None and state.gate is not None:
             body = state.gate.seen
         else:
@@ -84,22 +84,22 @@ class Audit:
             return None
         if state is not None:
             state.logged = True
-        return self.gw.record(self._http_row(flow, state, kind))
+        return self.rt.record(self._http_row(flow, state, kind))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Fail closed: when the log cannot keep rows, nothing passes unlogged."""
-        if self.gw.refuses_for_audit() and flow.response is None:
+        if self.rt.refuses_for_audit() and flow.response is None:
             metrics.AUDIT_REFUSED.inc()
             state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
             state.decision = replace(state.decision, verdict="block", reason_kind="error")
             bodygate.refuse_at_headers(
-                flow, audit_unavailable_response(flow, state, self.gw.clock())
+                flow, audit_unavailable_response(flow, state, self.rt.clock())
             )
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         row = self._http_row(flow, flow.metadata.get(STATE), "connect")
         row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
-        self.gw.record(row)
+        self.rt.record(row)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         durable = self._finish(flow)
@@ -111,10 +111,10 @@ class Audit:
         try:  # sync mode: the client is answered only once its row is on disk
             await asyncio.wrap_future(durable)
         except Exception:
-            if self.gw.config is not None and self.gw.config.audit_fail == "closed":
+            if self.rt.fails_closed:
                 metrics.AUDIT_REFUSED.inc()
                 state = flow.metadata.get(STATE) or FlowState(Who(""), ALLOW)
-                flow.response = audit_unavailable_response(flow, state, self.gw.clock())
+                flow.response = audit_unavailable_response(flow, state, self.rt.clock())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -141,7 +141,7 @@ class Audit:
         row.request_id = f"{flow.id}/ws"
         if flow.websocket and flow.websocket.close_code == 1009 and not row.error:
             row.error = "WebSocket closed by egress-guard: upload limit"
-        self.gw.record(row)
+        self.rt.record(row)
 
     def _tunnel_row(
         self,
@@ -153,12 +153,9 @@ class Audit:
         state: FlowState | None = None,
     ) -> RequestRow:
         host, port = server.address if server.address else (sni or "", 0)
-        who = self.gw.connect_who.get(client.id) or identify(
-            client_ip(client), None, self.gw.policy
-        )
-        decision = decide(RequestFacts((host, sni or ""), None), self.gw.policy)
-        if state is not None and state.decision.verdict == "block":
-            decision = state.decision
+        state = state or self.rt.tunnels.get(client.id)
+        who = state.who if state else identify(client_ip(client), None, self.rt.policy)
+        decision = state.decision if state else ALLOW
         gate = state.gate if state else None
         return RequestRow(
             ts=utc_from_timestamp(client.timestamp_start),
@@ -177,7 +174,7 @@ class Audit:
             category=decision.category,
             tls_intercepted=intercepted,
             error=bounded(error, "error"),
-            duration_ms=max(0, int((self.gw.clock() - client.timestamp_start) * 1000)),
+            duration_ms=max(0, int((self.rt.clock() - client.timestamp_start) * 1000)),
             upload_bytes=gate.seen if gate else 0,
             request_bytes=gate.seen if gate else 0,
             window_bytes=gate.counted if gate else 0,
@@ -206,7 +203,7 @@ class Audit:
             state,
         )
         row.response_bytes = state.ws_received
-        self.gw.record(row)
+        self.rt.record(row)
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
         self._tcp_done(flow)
@@ -217,7 +214,7 @@ class Audit:
     def tls_failed_client(self, data: tls.TlsData) -> None:
         client = data.context.client
         reason = client.error or "client TLS handshake failed"
-        self.gw.record(
+        self.rt.record(
             self._tunnel_row(
                 client,
                 data.context.server,

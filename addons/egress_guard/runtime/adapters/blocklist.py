@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mitmproxy import http
+from mitmproxy import http, tls
 from mitmproxy.proxy import layers, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
@@ -21,28 +21,39 @@ from .. import bodygate
 from ..flows import STATE, FlowState, blocked_response, request_hosts
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from . import Runtime
 
 
 class Blocklist:
     """Carries out blocklist decisions at CONNECT, at the start of a tunnel, at request headers
     and, as the last line, before any upstream connection."""
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(self, rt: Runtime):
+        self.rt = rt
 
     def _decide(self, flow: http.HTTPFlow, path: str | None) -> Decision:
         state: FlowState = flow.metadata[STATE]
         facts = RequestFacts(
             request_hosts(flow), path, flow.request.method, state.who.user, state.who.groups
         )
-        state.decision = decide(facts, self.gw.policy)
+        state.decision = decide(facts, self.rt.policy)
         return state.decision
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # A blocked CONNECT is still answered 200: the TLS session is then terminated here
         # (certificate from the SNI, no upstream) so the browser can show the block page.
         self._decide(flow, None)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """The SNI is a new fact about the tunnel: decide it again with it (a CONNECT to an
+        address may name a blocked host in its ClientHello)."""
+        tunnel = self.rt.tunnels.get(data.context.client.id)
+        sni = data.client_hello.sni
+        if tunnel is None or not sni or tunnel.decision.verdict == "block":
+            return
+        address = data.context.server.address
+        hosts = (address[0], sni) if address else (sni,)
+        tunnel.decision = decide(RequestFacts(hosts, None), self.rt.policy)
 
     def next_layer(self, nextlayer: layers.NextLayer) -> None:
         """Pass-through hosts (pinned apps): relay the tunnel as raw TCP, uninspected but
@@ -51,7 +62,7 @@ class Blocklist:
         mitmproxy's own next-layer addon may run before this one (``egress-guard run``) or
         after it (``mitmdump -s``): either nothing is chosen yet, or it has just chosen TLS
         interception for the inside of a CONNECT tunnel."""
-        if not self.gw.policy.passthrough.rule_count:
+        if not self.rt.policy.passthrough.rule_count:
             return
         context = nextlayer.context
         stack = context.layers
@@ -73,7 +84,7 @@ class Blocklist:
         if client_hello is None:
             return  # not all of the ClientHello yet
         hosts = tuple(h for h in (context.server.address[0], client_hello.sni) if h)
-        policy = self.gw.policy
+        policy = self.rt.policy
         if decide(RequestFacts(hosts, None), policy).verdict == "block":
             return
         if needs_interception(hosts, policy) or not any(is_passthrough(h, policy) for h in hosts):
@@ -85,12 +96,12 @@ class Blocklist:
         decision = self._decide(flow, flow.request.path)
         if decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
             state: FlowState = flow.metadata[STATE]
-            bodygate.refuse_at_headers(flow, blocked_response(flow, state, self.gw.clock()))
+            bodygate.refuse_at_headers(flow, blocked_response(flow, state, self.rt.clock()))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
         if not address:
             return
-        decision = decide(RequestFacts((address[0], data.server.sni or ""), None), self.gw.policy)
+        decision = decide(RequestFacts((address[0], data.server.sni or ""), None), self.rt.policy)
         if decision.verdict == "block":
             data.server.error = f"egress-guard: {address[0]} is blocked by rule {decision.rule_id}"

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from mitmproxy import http
+from mitmproxy import http, websocket
 
 from egress_guard import metrics
 from egress_guard.core.decode import looks_binary
@@ -18,7 +18,7 @@ from .. import bodygate
 from ..flows import STATE, FlowState, marker_response
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from . import Runtime
 
 
 class ScanGate:
@@ -64,12 +64,12 @@ class Markers:
     """Secret-marker scanning of request bodies and client WebSocket messages: buffered
     bodies when complete, streamed ones as they pass and again, whole, at their end."""
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(self, rt: Runtime):
+        self.rt = rt
 
     def _policy(self, flow: http.HTTPFlow) -> tuple[FlowState, MarkerPolicy] | None:
         state: FlowState | None = flow.metadata.get(STATE)
-        policy = self.gw.policy.markers
+        policy = self.rt.policy.markers
         if state is None or not policy.active or state.decision.verdict == "block":
             return None
         return state, policy
@@ -107,7 +107,7 @@ class Markers:
             metrics.MARKER_ALERTS.labels(verdict.level).inc()
         state.decision = replace(state.decision, verdict=kind, reason_kind="marker", scan=verdict)
         if kind == "block":
-            return marker_response(flow, state, verdict, self.gw.clock())
+            return marker_response(flow, state, verdict, self.rt.clock())
         return None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -152,7 +152,7 @@ class Markers:
         body = flow.request.raw_content
         assert body is not None
         headers = flow.request.headers
-        result = await self.gw.scan(
+        result = await self.rt.scans.scan(
             policy, body, headers.get("content-type", ""), headers.get("content-encoding", "")
         )
         refusal = self._apply(flow, state, policy, result.found, result.unscannable)
@@ -172,7 +172,7 @@ class Markers:
             )
         else:
             headers = flow.request.headers
-            result = await self.gw.scan(
+            result = await self.rt.scans.scan(
                 policy,
                 gate.buffer,
                 headers.get("content-type", ""),
@@ -183,16 +183,24 @@ class Markers:
         if refusal is not None:
             bodygate.refuse_at_end(flow, refusal)
 
-    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+    def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A client message, complete and not yet forwarded: scanned (a coroutine), or None
+        when there is nothing to scan."""
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
         found = self._policy(flow)
-        if found is None or not message.from_client or message.dropped:
-            return
-        state, policy = found
-        if state.ws_cut:
-            return
-        result = await self.gw.scan(policy, message.content, "", "")
+        if found is None or not message.from_client or message.dropped or found[0].ws_cut:
+            return None
+        return self._scan_message(flow, message, *found)
+
+    async def _scan_message(
+        self,
+        flow: http.HTTPFlow,
+        message: websocket.WebSocketMessage,
+        state: FlowState,
+        policy: MarkerPolicy,
+    ) -> None:
+        result = await self.rt.scans.scan(policy, message.content, "", "")
         if self._apply(flow, state, policy, result.found, result.unscannable) is not None:
             state.ws_cut = True
             bodygate.cut_websocket(flow, message)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http, tcp
 
-from egress_guard.core.decision import RequestFacts, decide
 from egress_guard.core.hosts import normalize_host
 from egress_guard.core.upload import CapHit, Limits, UploadGate, check, limits_for
 
@@ -17,7 +16,7 @@ from .. import bodygate
 from ..flows import STATE, FlowState, cap_response, window_key
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from . import Runtime
 
 
 class CapGate:
@@ -39,18 +38,18 @@ class Uploads:
     and pass-through tunnels. Decided at the headers when the size is announced, counted as
     the bytes stream otherwise."""
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(self, rt: Runtime):
+        self.rt = rt
 
     def _limits(self, state: FlowState, host: str) -> Limits:
         who = state.who
         return limits_for(
-            self.gw.policy.uploads, who.user, who.groups, host, state.decision.category
+            self.rt.policy.uploads, who.user, who.groups, host, state.decision.category
         )
 
     def _refuse(self, flow: http.HTTPFlow, state: FlowState, hit: CapHit) -> http.Response:
         state.decision = replace(state.decision, verdict="block", reason_kind="upload_cap", cap=hit)
-        return cap_response(flow, state, hit, self.gw.clock())
+        return cap_response(flow, state, hit, self.rt.clock())
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
@@ -59,7 +58,7 @@ class Uploads:
         limits = state.limits = self._limits(state, normalize_host(flow.request.host))
         key = window_key(state.who, flow.client_conn)
         declared = state.declared = bodygate.declared_length(flow.request)
-        windows = self.gw.windows
+        windows = self.rt.windows
         reserved = 0
         if declared:
             hit = check(limits, declared, windows.used(key) if limits.per_user is not None else 0)
@@ -69,7 +68,7 @@ class Uploads:
             if limits.per_user is not None:
                 windows.add(key, declared)
                 state.window_bytes = reserved = declared
-        if declared is None or declared > self.gw.policy.uploads.stream_above:
+        if declared is None or declared > self.rt.policy.uploads.stream_above:
             state.gate = UploadGate(limits, windows, key, reserved)
             bodygate.add_gate(flow, CapGate(state.gate, lambda hit: self._refuse(flow, state, hit)))
 
@@ -84,12 +83,12 @@ class Uploads:
             return
         key = window_key(state.who, flow.client_conn)
         limits = state.limits
-        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        used = self.rt.windows.used(key) if limits.per_user is not None else 0
         hit = check(limits, size, used)
         if hit is not None:
             flow.response = self._refuse(flow, state, hit)
         elif limits.per_user is not None:
-            self.gw.windows.add(key, size)
+            self.rt.windows.add(key, size)
             state.window_bytes = size
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -104,7 +103,7 @@ class Uploads:
         size = len(message.content)
         key = window_key(state.who, flow.client_conn)
         limits = state.limits
-        used = self.gw.windows.used(key) if limits.per_user is not None else 0
+        used = self.rt.windows.used(key) if limits.per_user is not None else 0
         hit = check(limits, size, used)
         if hit is not None:
             state.ws_cut = True
@@ -113,19 +112,18 @@ class Uploads:
             )
             bodygate.cut_websocket(flow, message)
         elif limits.per_user is not None:
-            self.gw.windows.add(key, size)
+            self.rt.windows.add(key, size)
             state.window_bytes += size
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         state: FlowState = flow.metadata[STATE]
         host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
-        state.decision = decide(RequestFacts((host,), None), self.gw.policy)
         state.limits = limits = self._limits(state, host)
         # A tunnel is many requests: only the user's window applies to it, not the
         # per-request cap.
         tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
         state.gate = UploadGate(
-            tunnel_limits, self.gw.windows, window_key(state.who, flow.client_conn)
+            tunnel_limits, self.rt.windows, window_key(state.who, flow.client_conn)
         )
         bodygate.add_gate(flow, CapGate(state.gate, self._tunnel_refused(state)))
 
