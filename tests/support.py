@@ -36,15 +36,20 @@ class FakeRuntime:
     """What the adapters see of the gateway (``adapters.Runtime``), in process: the shipped
     policy (or one given), a settable clock, the rows recorded, and an inline scan pool."""
 
-    def __init__(self, policy_dir: Path = POLICIES, now: float = 1_800_000_000.0):
+    def __init__(self, spill_dir: Path, policy_dir: Path = POLICIES, now: float = 1_800_000_000.0):
         from egress_guard.core.policy import load_policy
         from egress_guard.core.upload import UploadWindows
+        from egress_guard.runtime.heldbody import HoldSpec
+        from egress_guard.runtime.resolver import Destinations
         from egress_guard.runtime.scanpool import ScanPool
 
         self.now = now
         self._policy = load_policy(policy_dir)
+        self.hold = HoldSpec(spill_dir, self._policy.uploads.stream_above)
+        self.hold.prepare()
         self.windows = UploadWindows(self._policy.uploads.window_seconds, self.clock)
         self.scans = ScanPool()
+        self.destinations = Destinations(self.clock)
         self.tunnels: dict = {}
         self.rows: list = []
         self.fails_closed = True

@@ -4,7 +4,8 @@ audit query | audit export | audit verify``.
 ``run`` owns the store (the embedded engine opens its directory in one process only); the
 audit commands talk to that process's admin API over HTTPS, in embedded and server mode alike.
 ``account`` edits the account file on the gateway host; the running gateway re-reads it.
-Every option of ``run`` can also come from an ``EGRESS_GUARD_<NAME>`` environment variable.
+Every option of ``run`` can also come from an ``EGRESS_GUARD_<NAME>`` environment variable;
+those options are made from the table of ``runtime.settings``, as mitmdump's ``egress_*`` are.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import asyncio
 import io
 import json
 import signal
-import socket
 import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,17 @@ import click
 
 from . import __version__
 from .core.policy import PolicyError, default_policy_dir, dump_yaml, load_policy
-from .core.units import parse_size
 from .requestlog import evidence
 from .requestlog.store import COLUMN_NAMES, SUMMARY_COLUMNS, StoreError
+from .runtime.settings import BY_NAME, SETTINGS, Setting, SettingError, gateway_config, value_of
 
 DATA_DIR_OPTION = click.option(
-    "--data-dir",
+    BY_NAME["data_dir"].flag,
     type=click.Path(file_okay=False, path_type=Path),
-    default="~/.egress-guard",
-    envvar="EGRESS_GUARD_DATA_DIR",
+    default=BY_NAME["data_dir"].default,
+    envvar=BY_NAME["data_dir"].envvar,
     show_default=True,
-    help="State directory: embedded store, mitmproxy CA, admin token.",
+    help=BY_NAME["data_dir"].help,
 )
 
 
@@ -55,72 +55,46 @@ def main() -> None:
 # --- run -------------------------------------------------------------------------------------
 
 
+class _Checked(click.ParamType):
+    """Text its setting's parser takes, so a bad value stops ``run`` naming the option."""
+
+    name = "text"
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            self.setting.value(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return value  # as written: gateway_config parses it
+
+
+def _click_type(setting: Setting) -> click.ParamType:
+    if setting.choices:
+        return click.Choice(setting.choices)
+    if setting.kind == "directory":
+        return click.Path(file_okay=False)
+    return _Checked(setting)
+
+
+def _setting_options(command: Any) -> Any:
+    """One option per setting of the table, in its order (``--spool-max``, ``$EGRESS_GUARD_…``)."""
+    for s in reversed(SETTINGS):
+        command = click.option(
+            s.flag,
+            type=_click_type(s),
+            default=s.default,
+            envvar=s.envvar,
+            show_default=s.show_default,
+            help=s.help,
+        )(command)
+    return command
+
+
 @main.command()
-@click.option(
-    "--listen",
-    default="127.0.0.1:8080",
-    envvar="EGRESS_GUARD_LISTEN",
-    show_default=True,
-    help="Proxy HOST:PORT that browsers point at.",
-)
-@click.option(
-    "--admin",
-    default="127.0.0.1:8081",
-    envvar="EGRESS_GUARD_ADMIN",
-    show_default=True,
-    help="Admin API HOST:PORT ('' = off).",
-)
-@click.option(
-    "--metrics",
-    default="127.0.0.1:9464",
-    envvar="EGRESS_GUARD_METRICS",
-    show_default=True,
-    help="Prometheus /metrics HOST:PORT ('' = off).",
-)
-@DATA_DIR_OPTION
-@click.option(
-    "--policies",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    envvar="EGRESS_GUARD_POLICIES",
-    help="Policy directory [default: packaged].",
-)
-@click.option(
-    "--clickhouse",
-    default="",
-    envvar="EGRESS_GUARD_CLICKHOUSE",
-    help="ClickHouse DSN, e.g. http://user:pass@host:8123/egress "
-    "[default: embedded chdb://DATA_DIR/clickhouse].",
-)
-@click.option(
-    "--node",
-    default=socket.gethostname(),
-    envvar="EGRESS_GUARD_NODE",
-    help="Node name in every log row [default: hostname].",
-)
-@click.option(
-    "--spool-max",
-    default="2GiB",
-    envvar="EGRESS_GUARD_SPOOL_MAX",
-    show_default=True,
-    help="Disk for log rows the store has not taken yet (DATA_DIR/spool).",
-)
-@click.option(
-    "--audit-fail",
-    type=click.Choice(["closed", "open"]),
-    default="closed",
-    envvar="EGRESS_GUARD_AUDIT_FAIL",
-    show_default=True,
-    help="When rows cannot be kept: refuse requests (closed) or forward them (open).",
-)
-@click.option(
-    "--audit-sync",
-    type=click.Choice(["batch", "request"]),
-    default="batch",
-    envvar="EGRESS_GUARD_AUDIT_SYNC",
-    show_default=True,
-    help="batch: rows reach disk every 0.5 s; request: a response waits for its row.",
-)
+@_setting_options
 @click.option(
     "--set",
     "mitm_sets",
@@ -129,59 +103,35 @@ def main() -> None:
     envvar="EGRESS_GUARD_SET",
     help="Any mitmproxy option, e.g. --set proxyauth=@/etc/egress/htpasswd (repeatable).",
 )
-def run(
-    listen: str,
-    admin: str,
-    metrics: str,
-    data_dir: Path,
-    policies: Path | None,
-    clickhouse: str,
-    node: str,
-    spool_max: str,
-    audit_fail: str,
-    audit_sync: str,
-    mitm_sets: tuple[str, ...],
-) -> None:
+@click.pass_obj
+def run(make_gateway: Callable[[], Any] | None, mitm_sets: tuple[str, ...], **values: str) -> None:
     """Run the gateway until SIGINT/SIGTERM; the request log is flushed on the way out."""
-    from .runtime.gateway import Gateway, GatewayConfig, parse_listen
+    # ``make_gateway`` (the context's obj, None here) builds the Gateway: a caller of
+    # ``main(obj=…)`` can hand it other collaborators, e.g. a store that fails on purpose.
+    from .runtime import gateway
 
     try:
-        listen_host, listen_port = parse_listen(listen, "--listen")
-        for value, what in ((admin, "--admin"), (metrics, "--metrics")):
-            if value:
-                parse_listen(value, what)
-        spool_bytes = parse_size(spool_max)
-    except ValueError as e:
+        listen_host, listen_port = value_of(BY_NAME["listen"], values["listen"])
+        config = gateway_config(values)
+    except SettingError as e:  # click checked each value already; this is the config's word
         raise click.UsageError(str(e)) from None
-    data_dir = _data_dir(data_dir)
-    config = GatewayConfig(
-        policies=(policies or default_policy_dir()).expanduser().resolve(),
-        data_dir=data_dir,
-        clickhouse=clickhouse,
-        admin=admin,
-        metrics=metrics,
-        node=node,
-        spool_max=spool_bytes,
-        audit_fail=audit_fail,
-        audit_sync=audit_sync == "request",
-    )
-    gateway = Gateway()
+    gw = (make_gateway or gateway.Gateway)()
     try:
-        banner = gateway.start(config)
+        banner = gw.start(config)
     except PolicyError as e:
         click.echo(f"egress-guard: invalid policy, not starting:\n{e}", err=True)
         sys.exit(2)
     except StoreError as e:
         click.echo(f"egress-guard: {e}", err=True)
         sys.exit(2)
-    click.echo(f"egress-guard {__version__} on node {node}")
+    click.echo(f"egress-guard {__version__} on node {config.node}")
     click.echo(
         f"proxy    {listen_host}:{listen_port} (CA for clients: "
-        f"egress-guard ca export --data-dir {data_dir})"
+        f"egress-guard ca export --data-dir {config.data_dir})"
     )
     for line in banner:
         click.echo(line)
-    exit_code = asyncio.run(_serve(gateway, listen_host, listen_port, data_dir, mitm_sets))
+    exit_code = asyncio.run(_serve(gw, listen_host, listen_port, config.data_dir, mitm_sets))
     sys.exit(exit_code)
 
 

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from egress_guard.console.accounts import AccountBook, accounts_path
+from support import POLICIES
 
 PAYLOAD = random.Random(20261121).randbytes(300_000)  # what GET /payload serves
 READY_LINE = "egress-guard ready"
@@ -187,11 +188,13 @@ class GatewayProcess:
     extra_args: tuple[str, ...] = ()
     via: str = "flags"  # flags | env (EGRESS_GUARD_* variables) | mitmdump (-s addon script)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the process
+    fault_file: Path | None = None  # set: run through faulty_gateway.py, faults named here
     proxy_port: int = 0
     admin_port: int = 0
     metrics_port: int = 0
     proc: subprocess.Popen[str] | None = None
     auditor_token: str = ""  # an API token of the account "e2e-auditor" (role auditor)
+    allow_loopback: bool = True  # the test upstreams listen on 127.0.0.1: open it in policy
     output: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
 
@@ -235,6 +238,9 @@ class GatewayProcess:
                     sets.append(f"egress_{key.replace('-', '_')}={value}")
         else:
             cmd = [egress_guard_bin(), "run"]
+            if self.fault_file is not None:
+                launcher = Path(__file__).with_name("faulty_gateway.py")
+                cmd = [sys.executable, str(launcher), str(self.fault_file), "run"]
             for key, value in self.settings().items():
                 if self.via == "env":
                     env[f"EGRESS_GUARD_{key.upper().replace('-', '_')}"] = value
@@ -243,6 +249,8 @@ class GatewayProcess:
         return cmd + [a for s in sets for a in ("--set", s)] + list(self.extra_args), env
 
     def start(self, timeout: float = 60) -> GatewayProcess:
+        if self.allow_loopback:
+            self.policies = with_loopback_open(self.policies, self.data_dir)
         if not self.auditor_token:
             book = AccountBook(accounts_path(self.data_dir))
             if book.get("e2e-auditor") is None:
@@ -348,6 +356,25 @@ class GatewayProcess:
             if predicate(rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.2)
+
+
+LOOPBACK_OPEN = """# Written by the test harness: the test upstreams listen on 127.0.0.1, which
+# the gateway refuses by default (its own ports stay refused whatever this says).
+destinations:
+  allow_internal: [127.0.0.0/8, "::1/128"]
+"""
+
+
+def with_loopback_open(policies: Path, data_dir: Path) -> Path:
+    """The policy directory with loopback opened: the shipped one is copied first (never
+    written to); a test's own copy gets the file added, so its hot reloads still apply."""
+    if policies.resolve() == POLICIES.resolve():
+        copy = data_dir.parent / f"{data_dir.name}-policies"
+        if not copy.exists():
+            shutil.copytree(POLICIES, copy)
+        policies = copy
+    (policies / "e2e-loopback.yaml").write_text(LOOPBACK_OPEN, encoding="utf-8")
+    return policies
 
 
 def start_mitmdump(confdir: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:

@@ -38,7 +38,7 @@ def gw(tmp_path_factory, upstream):
     from support import POLICIES
 
     data = tmp_path_factory.mktemp("gw-console")
-    g = GatewayProcess(data, POLICIES, env={"EGRESS_GUARD_FAULT_FILE": str(data / "faults")})
+    g = GatewayProcess(data, POLICIES, fault_file=data / "faults")
     g.start()
     book = AccountBook(accounts_path(g.data_dir))
     g.tokens = {}

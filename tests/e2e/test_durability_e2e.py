@@ -33,7 +33,7 @@ def gateway(tmp_path):
             tmp_path / "data",
             policies,
             extra_args=args,
-            env={"EGRESS_GUARD_FAULT_FILE": str(faults)},
+            fault_file=faults,
         ).start()
         started.append(g)
         return g

@@ -53,10 +53,10 @@ def assert_refused(gw, upstream, reply, path, marker_id, level):
     page = reply.body.decode()
     assert marker_id in page and level in page
     assert "已阻止外发" in page and "Upload blocked: confidential content" in page
-    seen = upstream.find(path, wait=0.5)
-    assert seen is None or not seen.complete  # nothing, or never the end of it
     rows = gw.wait_rows(lambda rs: any(r["path"] == path for r in rs), "--decision", "block")
     (row,) = [r for r in rows if r["path"] == path]
+    # Held until its verdict: the upstream never heard of the request, not even its headers.
+    assert upstream.find(path) is None and row["forwarded_bytes"] == 0
     assert (row["reason_kind"], row["rule_id"]) == ("marker", marker_id)
     assert level in row["marker_levels"] and marker_id in row["marker_ids"]
     return row
@@ -152,15 +152,14 @@ def test_websocket_message_with_a_marker(gw, ws_upstream):
     assert ws_upstream.received[len(before) + 2 :] == [5]
 
 
-def test_large_streamed_body_with_the_marker_near_its_end(gw, upstream):
-    # Over stream_above: streamed to the upstream as it arrives, the last chunk held back
-    # until the whole body has been decoded and scanned.
+def test_large_held_body_with_the_marker_near_its_end(gw, upstream):
+    # Over stream_above: held in a private file, not in memory, until the whole body has been
+    # decoded and scanned; refused, the upstream never hears of it.
     filler = ("季度销售数据汇总，" * 200_000).encode()  # ~5.4 MB of innocent text
     body = filler + "\n附：绝密★长期\n".encode()
     reply = post(gw, upstream, "/m/large-end", body, "text/plain; charset=utf-8")
     assert_refused(gw, upstream, reply, "/m/large-end", "cn.classified.star", "national_secret")
-    seen = upstream.find("/m/large-end", wait=10)
-    assert seen is not None and not seen.complete and seen.body_len < len(body)
+    assert upstream.find("/m/large-end") is None
 
 
 def test_large_zip_inside_multipart_is_decoded_at_the_end(gw, upstream):

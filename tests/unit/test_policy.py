@@ -5,6 +5,7 @@ import os
 import pytest
 
 from egress_guard.core.decision import RequestFacts, decide, needs_interception
+from egress_guard.core.destinations import DestinationRules, OwnSockets, check_destination
 from egress_guard.core.policy import PolicyError, PolicyWatcher, load_policy
 from support import POLICIES
 
@@ -171,3 +172,66 @@ def test_watcher_keeps_last_good_policy_on_invalid_reload(write_policy):
     assert watcher.check() == "invalid"
     assert "rules[0].id" in str(watcher.last_error)
     assert decide(RequestFacts(("mail.126.com",), "/"), watcher.policy).verdict == "block"
+
+
+DESTINATIONS = """\
+destinations:
+  allow_internal:
+    - 10.20.0.0/16
+    - {network: 192.168.5.10/32, ports: [443, 8443]}
+    - fd00:20::/64
+"""
+
+
+def test_destinations_allow_list_loads_with_where_each_entry_came_from(write_policy):
+    d = write_policy({"webmail.yaml": GOOD, "gateway.yaml": DESTINATIONS})
+    rules = load_policy(d).destinations
+    assert [str(e.network) for e in rules.allow_internal] == [
+        "10.20.0.0/16",
+        "192.168.5.10/32",
+        "fd00:20::/64",
+    ]
+    assert rules.allow_internal[1].ports == {443, 8443} and not rules.allow_internal[0].ports
+    assert rules.allow_internal[1].source == f"{d / 'gateway.yaml'}:4"
+    own = OwnSockets()
+    assert check_destination(["10.20.1.1"], 22, own, rules) is None
+    assert check_destination(["192.168.5.10"], 8443, own, rules) is None
+    assert check_destination(["192.168.5.10"], 80, own, rules) is not None
+    assert check_destination(["10.21.1.1"], 443, own, rules) is not None
+
+
+def test_without_a_destinations_section_nothing_internal_is_allowed(write_policy):
+    assert load_policy(write_policy({"webmail.yaml": GOOD})).destinations == DestinationRules()
+    assert load_policy(POLICIES).destinations == DestinationRules()  # shipped: an empty list
+
+
+@pytest.mark.parametrize(
+    ("line_text", "replacement", "line", "field", "words"),
+    [
+        ("10.20.0.0/16", "10.20.0.0/33", 3, "destinations.allow_internal[0].network", "not a"),
+        ("10.20.0.0/16", "10.20.0.1/16", 3, "destinations.allow_internal[0].network", "host bits"),
+        ("10.20.0.0/16", "intranet", 3, "destinations.allow_internal[0].network", "not a network"),
+        ("[443, 8443]", "[443, 70000]", 4, "destinations.allow_internal[1].ports[1]", "not a port"),
+        ("[443, 8443]", "[https]", 4, "destinations.allow_internal[1].ports[0]", "not a port"),
+        ("[443, 8443]", "[]", 4, "destinations.allow_internal[1]", "'ports' is empty"),
+        ("ports:", "port:", 4, "destinations.allow_internal[1].port", "Extra inputs"),
+        ("fd00:20::/64", "0.0.0.0/0", 5, "destinations.allow_internal[2]", "never forwards"),
+        # an unknown key with a list is reported at the list, as in the other sections
+        ("allow_internal:", "allow_external:", 3, "destinations.allow_external", "Extra inputs"),
+    ],
+)
+def test_destination_errors_name_file_line_and_field(
+    write_policy, line_text, replacement, line, field, words
+):
+    d = write_policy(
+        {"webmail.yaml": GOOD, "gateway.yaml": DESTINATIONS.replace(line_text, replacement)}
+    )
+    msgs = problems(d)
+    expected = f"{d / 'gateway.yaml'}:{line}: {field}:"
+    assert any(m.startswith(expected) and words in m for m in msgs), msgs
+
+
+def test_destinations_may_be_given_in_one_file_only(write_policy):
+    d = write_policy({"a.yaml": GOOD + DESTINATIONS, "b.yaml": DESTINATIONS})
+    (msg,) = problems(d)
+    assert msg.startswith(f"{d / 'b.yaml'}:2: destinations: already given in {d / 'a.yaml'}:9")

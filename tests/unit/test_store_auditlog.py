@@ -37,7 +37,7 @@ def row(i, **kw):
 def test_migrations_are_versioned_and_idempotent(store):
     assert store.migrate() == []
     versions = store.query("SELECT version FROM schema_migrations ORDER BY version")
-    assert versions == [(1,), (2,), (3,), (4,)]
+    assert versions == [(1,), (2,), (3,), (4,), (5,)]
     columns = [
         r[0]
         for r in store.query(
@@ -45,7 +45,7 @@ def test_migrations_are_versioned_and_idempotent(store):
             "database = currentDatabase() AND table = 'requests'"
         )
     ]
-    assert columns[-2:] == ["declared_bytes", "window_bytes"]
+    assert columns[-3:] == ["declared_bytes", "window_bytes", "forwarded_bytes"]
 
 
 def test_requests_table_is_monthly_mergetree_with_at_least_six_months_ttl(store):

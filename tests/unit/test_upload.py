@@ -4,14 +4,14 @@ and the Uploads addon on mitmproxy's test flows."""
 import pytest
 from mitmproxy.test import tflow, tutils
 
-from egress_guard.core.policy import PolicyError, PolicyWatcher, load_policy
+from egress_guard.core.policy import PolicyError, load_policy
 from egress_guard.core.units import parse_size
 from egress_guard.core.upload import Limits, UploadGate, UploadWindows, check, limits_for
 from egress_guard.runtime.adapters.blocklist import Blocklist
 from egress_guard.runtime.adapters.identity import Identity
 from egress_guard.runtime.adapters.uploads import Uploads
 from egress_guard.runtime.bodygate import declared_length
-from egress_guard.runtime.gateway import Gateway
+from support import FakeRuntime
 
 MiB = 1024 * 1024
 
@@ -158,14 +158,19 @@ def test_conflicting_content_lengths_are_unknown():
     assert declared_length(req) is None
 
 
+class TickingRuntime(FakeRuntime):
+    """The adapters' runtime with the test's clock."""
+
+    def __init__(self, spill_dir, policy_dir, clock):
+        super().__init__(spill_dir, policy_dir)
+        self.windows.clock = self.clock = clock
+
+
 @pytest.fixture
-def addons(write_policy):
+def addons(write_policy, tmp_path):
     clock = Clock()
-    gw = Gateway(clock)
-    directory = write_policy({"p.yaml": POLICY})
-    gw.watcher = PolicyWatcher(directory, load_policy(directory))
-    gw._publish_policy(gw.watcher.policy)
-    return clock, gw, [Identity(gw), Blocklist(gw), Uploads(gw)]
+    rt = TickingRuntime(tmp_path / "held", write_policy({"p.yaml": POLICY}), clock)
+    return clock, rt, [Identity(rt), Blocklist(rt), Uploads(rt)]
 
 
 def upload(addons_, size, client_ip="10.1.2.3", host="upload.example.org"):
@@ -194,12 +199,12 @@ def test_uploads_addon_refuses_the_nth_upload_and_frees_after_the_window(addons)
     assert upload(chain, 11 * MiB).response.status_code == 413  # per request, regardless
 
 
-def test_uploads_addon_streams_large_and_unannounced_bodies(addons):
+def test_uploads_addon_holds_every_body_it_counts(addons):
+    """Announced or not, small or large: a body is counted as it arrives and held by the body
+    gate until its verdict (``stream`` routes it there)."""
     _clock, _gw, chain = addons
-    small = upload(chain, 100_000)
-    assert not small.request.stream
-    large = upload(chain, 2 * MiB)
-    assert large.request.stream
+    assert upload(chain, 100_000).request.stream
+    assert upload(chain, 2 * MiB).request.stream
     flow = tflow.tflow()
     flow.request.method = "POST"
     flow.request.headers["transfer-encoding"] = "chunked"

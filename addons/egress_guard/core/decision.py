@@ -1,7 +1,7 @@
 """Decisions: pure functions of (request facts, policy, now) → allow / block and why.
 
 Nothing here touches mitmproxy, the network or the store, so every rule of the gateway can be
-tested with plain values. The addons in ``gateway`` turn flows into ``RequestFacts`` and
+tested with plain values. The adapters in ``runtime`` turn flows into ``RequestFacts`` and
 carry out the ``Decision``.
 """
 
@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .blocklist import Rule
-from .hosts import normalize_host
+from .blocklist import Reason, Rule
+from .destinations import Refusal as DestinationRefusal
+from .hosts import normalize_host, split_host_port
 from .policy import Policy
 from .scan import Verdict as ScanVerdict
 from .upload import CapHit
 
 Verdict = Literal["allow", "block", "alert"]
-ReasonKind = Literal["", "blocklist", "upload_cap", "marker", "error"]
+# destination: a place the gateway never forwards to (its own ports, internal addresses, a
+# request target that does not match its tunnel), whatever the blocklists say.
+ReasonKind = Literal["", "blocklist", "destination", "upload_cap", "marker", "error"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,57 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
             return Decision("block", "blocklist", match.rule, host)
         allowed_by = allowed_by or Decision("allow", "", match.rule, host)
     return allowed_by or ALLOW
+
+
+AUTHORITY_MISMATCH = Rule(
+    "gateway.authority_mismatch",
+    "",
+    "block",
+    Reason(
+        "The request names a different site than the connection it was sent on; such requests "
+        "are used to reach blocked sites through allowed ones.",
+        "请求指向的网站与其所在连接的网站不一致，此类请求常被用于借道访问被禁止的网站。",
+    ),
+)
+
+
+def decide_tunnel_target(authority: str, tunnel_host: str) -> Decision | None:
+    """Inside a tunnel, an HTTP/1 request in absolute form (``GET http://other/``) is routed by
+    a front end to the host it names, not to the tunnel's: refuse it unless the two agree."""
+    if not authority:
+        return None
+    host = normalize_host(split_host_port(authority)[0])
+    if host == normalize_host(tunnel_host):
+        return None
+    return Decision("block", "destination", AUTHORITY_MISMATCH, host)
+
+
+RAW_TUNNEL = Rule(
+    "gateway.raw_tunnel",
+    "",
+    "block",
+    Reason(
+        "Traffic inside this tunnel is not HTTP, so it cannot be checked for confidential "
+        "content; company policy refuses it unless the destination is approved for it.",
+        "该隧道内的流量不是 HTTP，无法检查是否含有涉密内容；"
+        "除非目的地已获批准，按公司规定予以拒绝。",
+    ),
+)
+
+
+def decide_raw_tunnel(hosts: tuple[str, ...], policy: Policy) -> Decision | None:
+    """Non-HTTP bytes inside a tunnel: refused unless a host is on the policy's raw-TCP list
+    (then relayed, counted and logged)."""
+    if any(policy.raw_tcp.lookup(normalize_host(h), None) is not None for h in hosts if h):
+        return None
+    host = next((normalize_host(h) for h in hosts if h), "")
+    return Decision("block", "destination", RAW_TUNNEL, host)
+
+
+def decide_destination(refusal: DestinationRefusal, host: str) -> Decision:
+    """A destination the gateway never forwards to (``core.destinations``), as a decision."""
+    rule = Rule(refusal.rule_id, "", "block", refusal.reason)
+    return Decision("block", "destination", rule, normalize_host(host))
 
 
 def needs_interception(hosts: tuple[str, ...], policy: Policy) -> bool:

@@ -21,12 +21,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
     ValidationError,
     model_validator,
 )
 
 from .blocklist import HostIndex, Reason, Rule
+from .destinations import AllowedNetwork, DestinationRules, IPNetwork, never_opened_kind
 from .hosts import validate_host_pattern
 from .scan import Marker, MarkerOverride, MarkerPolicy, MarkerSet, ScanLimits, spellings
 from .selector import Selector
@@ -106,6 +108,7 @@ class SettingsSpec(_Strict):
         description="months the request log is kept; the egress rules require at least 6",
     )
     passthrough_hosts: list[HostPattern] = []
+    raw_tcp_hosts: list[HostPattern] = []
     identities: list[IdentitySpec] = []
     user_groups: dict[NonEmpty, list[NonEmpty]] = {}
 
@@ -248,11 +251,58 @@ class MarkersSpec(_Strict):
         return self
 
 
+def _network(value: Any) -> IPNetwork:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a network (examples: 10.20.0.0/16, fd00:1::/64)")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a network: {e}") from None
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"{value!r} is not a port (a whole number from 1 to 65535)")
+    return value
+
+
+def _network_entry(value: Any) -> Any:
+    return value if isinstance(value, dict) else {"network": value}  # "10.20.0.0/16" alone
+
+
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+class AllowedNetworkSpec(_Strict):
+    network: Annotated[IPNetwork, PlainValidator(_network)]
+    ports: list[Annotated[int, PlainValidator(_port)]] | None = None  # None: every port
+
+    @model_validator(mode="after")
+    def _reachable(self) -> AllowedNetworkSpec:
+        if self.ports is not None and not self.ports:
+            raise ValueError("'ports' is empty: list the ports, or leave it out for every port")
+        if kind := never_opened_kind(self.network):
+            raise ValueError(
+                f"{self.network} covers {kind} addresses, which the proxy never forwards to "
+                "(the gateway host itself is not a destination)"
+            )
+        if self.network.version == 6 and self.network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            raise ValueError(f"{self.network}: write an IPv4-mapped network as IPv4")
+        return self
+
+
+class DestinationsSpec(_Strict):
+    allow_internal: list[Annotated[AllowedNetworkSpec, BeforeValidator(_network_entry)]] = []
+
+
 class PolicyFileSpec(_Strict):
     categories: dict[CategoryName, CategorySpec] = {}
     settings: SettingsSpec | None = None
     uploads: UploadSpec | None = None
     markers: MarkersSpec | None = None
+    destinations: DestinationsSpec | None = None
 
 
 # --- errors with file and line ---------------------------------------------------------------
@@ -342,6 +392,8 @@ class Policy:
     retention_months: int
     uploads: UploadRules = field(default_factory=UploadRules)
     markers: MarkerPolicy = field(default_factory=MarkerPolicy)
+    destinations: DestinationRules = field(default_factory=DestinationRules)
+    raw_tcp: HostIndex = field(default_factory=HostIndex)  # where non-HTTP tunnels may go
     stats: dict[str, CategoryStats] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -422,8 +474,11 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
 
     single: dict[str, tuple[Any, str]] = {}  # sections one file only may hold
+    destinations = DestinationRules()
     for path, spec, root in parsed:
-        for section in ("settings", "uploads", "markers"):
+        if spec.destinations is not None and "destinations" not in single:  # a second: below
+            destinations = _compile_destinations(spec.destinations, path, root)
+        for section in ("settings", "uploads", "markers", "destinations"):
             value = getattr(spec, section)
             if value is None:
                 continue
@@ -487,16 +542,15 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     for name in set(cat_action) | set(cat_reason):
         stats.setdefault(name, [0, 0])
 
-    passthrough_rules = [
-        Rule(
-            id=f"passthrough.{h}",
-            category="passthrough",
-            action="allow",
-            reason=Reason(en="", zh=""),
-            hosts=(h,),
+    def host_list(kind: str, hosts: list[str]) -> HostIndex:
+        allowed = Reason(en="", zh="")
+        return HostIndex.build(
+            [
+                Rule(id=f"{kind}.{h}", category=kind, action="allow", reason=allowed, hosts=(h,))
+                for h in hosts
+            ]
         )
-        for h in settings.passthrough_hosts
-    ]
+
     identities = sorted(
         (Identity(i.cidr, i.user, tuple(i.groups)) for i in settings.identities),
         key=lambda ident: ident.network.prefixlen,
@@ -506,9 +560,11 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
         source=str(directory),
         uploads=_compile_uploads(uploads),
         markers=_compile_markers(markers),
+        destinations=destinations,
         rules=tuple(rules),
         index=HostIndex.build(rules),
-        passthrough=HostIndex.build(passthrough_rules),
+        passthrough=host_list("passthrough", settings.passthrough_hosts),
+        raw_tcp=host_list("raw_tcp", settings.raw_tcp_hosts),
         identities=tuple(identities),
         user_groups={u: tuple(g) for u, g in settings.user_groups.items()},
         retention_months=settings.retention_months,
@@ -544,6 +600,21 @@ def _compile_markers(spec: MarkersSpec) -> MarkerPolicy:
     limits = ScanLimits(spec.max_body, spec.max_expanded, spec.max_depth, spec.max_seconds)
     return MarkerPolicy(
         MarkerSet(markers, tuple(spec.suppress)), spec.unscannable, limits, overrides
+    )
+
+
+def _compile_destinations(
+    spec: DestinationsSpec, path: Path, root: yaml.Node | None
+) -> DestinationRules:
+    return DestinationRules(
+        tuple(
+            AllowedNetwork(
+                e.network,
+                frozenset(e.ports or ()),
+                f"{path}:{_line_of(root, ['destinations', 'allow_internal', i])}",
+            )
+            for i, e in enumerate(spec.allow_internal)
+        )
     )
 
 

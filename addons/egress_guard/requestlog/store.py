@@ -21,8 +21,6 @@ import clickhouse_connect
 
 from egress_guard.core.policy import RETENTION_MIN_MONTHS
 
-from . import faults
-
 REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ts", "DateTime64(3, 'UTC')"),
     ("node", "LowCardinality(String)"),
@@ -57,6 +55,8 @@ REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     # migration 2
     ("declared_bytes", "UInt64"),  # Content-Length as the client announced it
     ("window_bytes", "UInt64"),  # bytes counted towards the user's rolling upload window
+    # migration 5
+    ("forwarded_bytes", "UInt64"),  # body bytes the upstream was sent (0 for every block)
 )
 COLUMN_NAMES = tuple(name for name, _ in REQUEST_COLUMNS)
 # The columns a person reads first: the CLI table and the console page show these.
@@ -135,6 +135,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ("ALTER TABLE requests MODIFY SETTING non_replicated_deduplication_window = 10000",),
     ),
     (4, "console events table", (_console_events_ddl(),)),
+    (
+        5,
+        "body bytes forwarded to the upstream",
+        ("ALTER TABLE requests ADD COLUMN IF NOT EXISTS forwarded_bytes UInt64",),
+    ),
 )
 
 
@@ -297,8 +302,6 @@ class Store:
     def insert_requests(self, rows: Sequence[Sequence[Any]], token: str = "") -> None:
         """Insert rows; a batch inserted again with the same token is dropped by ClickHouse
         (the table keeps a deduplication window), so a replay never writes a row twice."""
-        if faults.active("store-down"):
-            raise StoreError("store unavailable (injected fault)")
         self._ensure_schema()
         settings = {"insert_deduplication_token": token} if token else None
         with self._lock:
@@ -318,8 +321,6 @@ class Store:
         return [(str(w), int(sec), int(n)) for w, sec, n in rows]
 
     def insert_console_event(self, row: Sequence[Any]) -> None:
-        if faults.active("store-down"):
-            raise StoreError("store unavailable (injected fault)")
         self._ensure_schema()
         with self._lock:
             self._connected().insert("console_events", [row], column_names=CONSOLE_EVENT_NAMES)

@@ -30,6 +30,7 @@ from .adapters.identity import Identity
 from .adapters.markers import Markers
 from .adapters.uploads import Uploads
 from .gateway import Gateway
+from .protocol_errors import ProtocolErrorData
 from .setup import Setup
 
 
@@ -68,10 +69,13 @@ class EgressGuard:
 
     # --- CONNECT and the layers inside a tunnel ---
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         self.identity.http_connect(flow)
-        self.blocklist.http_connect(flow)
-        self.audit.http_connect(flow)
+        lookup = self.blocklist.http_connect(flow)  # a coroutine when a name must be resolved
+        if lookup is None:
+            self.audit.http_connect(flow)
+            return None
+        return _then(lookup, self.audit.http_connect, flow)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         self.blocklist.tls_clienthello(data)
@@ -79,30 +83,43 @@ class EgressGuard:
     def next_layer(self, nextlayer: layers.NextLayer) -> None:
         self.blocklist.next_layer(nextlayer)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.blocklist.server_connect(data)
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None]:
+        return self.blocklist.server_connect(data)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.blocklist.server_connected(data)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.blocklist.server_connect_error(data)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         self.audit.tls_failed_client(data)
 
+    def egress_protocol_error(self, data: ProtocolErrorData) -> None:
+        """A request refused before any flow hook saw it (malformed, unparsable): its row."""
+        self.audit.egress_protocol_error(data)
+
     # --- HTTP requests ---
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         self.identity.requestheaders(flow)
-        self.blocklist.requestheaders(flow)
+        lookup = self.blocklist.requestheaders(flow)  # a coroutine when a name must be resolved
+        if lookup is None:
+            self._after_destination(flow)
+            return None
+        return _then(lookup, self._after_destination, flow)
+
+    def _after_destination(self, flow: http.HTTPFlow) -> None:
+        self.blocklist.refuse(flow)
         self.uploads.requestheaders(flow)
         self.markers.requestheaders(flow)
         self.audit.requestheaders(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        """A buffered body, complete: the caps, then the scan (a coroutine when there is
-        something to scan; None keeps the hot path free of one)."""
-        self.uploads.request(flow)
+        """The body is complete and held, nothing of it forwarded: its verdict (a coroutine
+        when there is something to scan; None keeps the hot path free of one). The caps were
+        counted as it arrived."""
         return self.markers.request(flow)
-
-    def egress_body_end(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        """A held (streamed) body, complete and not yet forwarded: its verdict."""
-        return self.markers.egress_body_end(flow)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         return self.audit.response(flow)
@@ -123,10 +140,11 @@ class EgressGuard:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.audit.websocket_end(flow)
 
-    # --- raw TCP (pass-through tunnels) ---
+    # --- raw TCP: pass-through tunnels, and non-HTTP bytes inside tunnels ---
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self.identity.tcp_start(flow)
+        self.blocklist.tcp_start(flow)
         self.uploads.tcp_start(flow)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:

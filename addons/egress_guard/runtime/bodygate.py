@@ -1,43 +1,51 @@
-"""Body gate: refusing a request while its body is still on the way, and cutting WebSocket
-and pass-through tunnel uploads.
+"""Body gate: request bodies held back from the upstream until their verdict, refusals while a
+body is still on the way, and cutting WebSocket and pass-through tunnel uploads.
 
-mitmproxy 11 sends an addon's response only after it has read the whole request body, and it
-cannot stream a body and answer at the same time. An egress gateway must do both: refuse an
-over-cap upload at its headers without reading (or buffering) the body and without contacting
-the upstream, and cut a streamed upload the moment it crosses a limit, before the rest of the
-body (and its end) reaches the upstream.
+The promise is that nothing leaves before its verdict. mitmproxy 11 either buffers a whole body
+in memory (then calls ``request``) or streams it to the upstream chunk by chunk as it arrives;
+an egress gateway needs a third way. A body that a gate watches is *held*: every chunk is shown
+to the gates (upload caps count it, and may refuse at once), kept in a ``HeldBody`` (memory,
+then a private file), and not forwarded. When the body has ended, mitmproxy's ``request`` hook
+runs with the body held: the addon scans it there (off the event loop) and either sets
+``flow.response`` — the refusal, sent to the client, with nothing of the body (not even the
+request headers, not even a connection) at the upstream — or leaves it unset, and only then is
+the upstream contacted and sent the headers, the held body, the trailers and the end.
 
-This module is the one place that reaches into mitmproxy's HTTP state machine to do that
-(``HttpStream``, pinned to the mitmproxy version in pyproject.toml; the end-to-end tests exercise
-every path). Addons use two functions:
+A body larger than the hold (``HoldSpec.max_bytes``) asks each gate's ``overflow``: a refusal
+stops it with nothing forwarded; otherwise (policy lets it stream, e.g. ``unscannable: alert``)
+what is held is forwarded and the rest streams past the gates, each chunk shown to them before
+it is sent, and the row says how many bytes the upstream got (``forwarded_bytes``).
 
-- ``refuse_at_headers(flow, response)`` from a ``requestheaders`` hook;
-- ``add_gate(flow, gate)``: the body is streamed, and every chunk is shown to each gate's
-  ``feed`` before it is forwarded; a response from ``feed`` stops the upload there. A gate with
-  ``hold_last`` keeps the latest chunk back until the body has ended and the
-  ``egress_body_end`` hook (async; addons may scan there, off the event loop) has not refused
-  it with ``refuse_at_end``: so the upstream never holds a complete body before the verdict.
-  On a TCP flow (a pass-through tunnel) every client→server chunk is shown to the gates; a
-  refusal closes both sides.
-- ``cut_websocket(flow)`` from a ``websocket_message`` hook: the current message is dropped and
-  the WebSocket is closed on both sides (1009 to the client).
+Adapters use:
+
+- ``refuse_at_headers(flow, response)`` from ``requestheaders``: answer now, the body is not read
+  and no upstream connection is made;
+- ``add_gate(flow, gate, hold)``: the body is held and each chunk shown to ``gate.feed``;
+- ``held_body(flow)``: the held body, for the verdict in ``request``;
+- ``forwarded_bytes(flow)`` and ``release(flow)`` (the flow's end: the held file is deleted);
+- ``cut_websocket(flow, message)`` from ``websocket_message``: the message is dropped and the
+  WebSocket closed on both sides (1009 to the client).
+
+This is the one module that reaches into mitmproxy's HTTP state machine (``HttpStream``). It was
+written against mitmproxy ``PINNED_MITMPROXY``; ``install`` refuses to patch another version.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import wsproto.events
 from mitmproxy import flow as mflow
 from mitmproxy import http, tcp
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
-from mitmproxy.proxy.commands import StartHook
 from mitmproxy.proxy.layers import tcp as tcp_layer
 from mitmproxy.proxy.layers import websocket as ws_layer
 from mitmproxy.proxy.layers.http import (
+    HttpRequestHook,
+    HttpResponseHeadersHook,
     HttpResponseHook,
     HttpStream,
     RequestData,
@@ -54,29 +62,29 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.proxy.utils import expect
 
+from .heldbody import HeldBody, HoldSpec
+
+PINNED_MITMPROXY = "11.0.2"
+
 _EARLY = "egress_guard.refuse_early"
 _GATES = "egress_guard.gates"
-_HELD = "egress_guard.held_chunk"
-_END_REFUSAL = "egress_guard.end_refusal"
+_HOLD = "egress_guard.hold"  # the HoldSpec, set with the first gate
+_HELD = "egress_guard.held_body"
+_STREAMED = "egress_guard.streamed"  # the body outgrew its hold and streams past the gates
+_FORWARDED = "egress_guard.forwarded"
+_RECEIVED = "egress_guard.received"
 _WS_CUT = "egress_guard.ws_cut"
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
 
 class Gate(Protocol):
-    hold_last: bool
-
     def feed(self, data: bytes) -> http.Response | None:
-        """Called with each body chunk before it is forwarded. A response refuses the upload:
-        the chunk is not forwarded, the upstream connection is aborted, the client gets it."""
+        """Each chunk as it arrives, before anything of it is forwarded. A response refuses
+        the upload: the chunk is not forwarded and the client gets the response."""
 
-
-@dataclass
-class EgressBodyEndHook(StartHook):
-    """A streamed request body has ended, its last chunk not yet forwarded: a last chance to
-    refuse it (``refuse_at_end``). Addons may implement it as a coroutine."""
-
-    flow: http.HTTPFlow
-    name: ClassVar[str] = "egress_body_end"
+    def overflow(self, held: HeldBody) -> http.Response | None:
+        """The body outgrew its hold (``held`` is all of it so far, nothing forwarded): a
+        refusal, or None to let it stream past the gates from here on."""
 
 
 def declared_length(request: http.Request) -> int | None:
@@ -108,9 +116,12 @@ def refuse_at_headers(flow: http.HTTPFlow, response: http.Response) -> None:
     flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send
 
 
-def add_gate(flow: http.HTTPFlow | tcp.TCPFlow, gate: Gate) -> None:
+def add_gate(flow: http.HTTPFlow | tcp.TCPFlow, gate: Gate, hold: HoldSpec | None = None) -> None:
+    """Show every client chunk to ``gate`` first; an HTTP body is held until its verdict."""
     if isinstance(flow, http.HTTPFlow):
+        assert hold is not None, "an HTTP body gate needs a hold"
         flow.request.stream = True
+        flow.metadata.setdefault(_HOLD, hold)
     flow.metadata.setdefault(_GATES, []).append(gate)
 
 
@@ -118,9 +129,36 @@ def gates_of(flow: http.HTTPFlow | tcp.TCPFlow) -> list[Gate]:
     return flow.metadata.get(_GATES, [])
 
 
-def refuse_at_end(flow: http.HTTPFlow, response: http.Response) -> None:
-    """From ``egress_body_end``: refuse the body that has just ended."""
-    flow.metadata[_END_REFUSAL] = response
+def held_body(flow: http.HTTPFlow) -> HeldBody | None:
+    """The body held for its verdict; None when it was not held (or is streaming)."""
+    return None if flow.metadata.get(_STREAMED) else flow.metadata.get(_HELD)
+
+
+def streamed(flow: http.HTTPFlow) -> bool:
+    """The body outgrew its hold and was let through past the gates."""
+    return bool(flow.metadata.get(_STREAMED))
+
+
+def forwarded_bytes(flow: http.HTTPFlow) -> int | None:
+    """Body bytes the upstream was sent, for a body that went through the gate (else None)."""
+    return flow.metadata.get(_FORWARDED)
+
+
+def received_bytes(flow: http.HTTPFlow) -> int | None:
+    """Body bytes the client sent, for a body that went through the gate (else None)."""
+    return flow.metadata.get(_RECEIVED)
+
+
+def release(flow: http.HTTPFlow) -> None:
+    """The flow is over: forget its held body (the file is deleted)."""
+    held: HeldBody | None = flow.metadata.pop(_HELD, None)
+    if held is not None:
+        held.release()
+
+
+def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
+    message.drop()  # type: ignore[attr-defined]
+    flow.metadata[_WS_CUT] = True
 
 
 def _feed(gates: list[Gate], data: bytes) -> http.Response | None:
@@ -131,18 +169,15 @@ def _feed(gates: list[Gate], data: bytes) -> http.Response | None:
     return None
 
 
-def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
-    message.drop()  # type: ignore[attr-defined]
-    flow.metadata[_WS_CUT] = True
-
-
 # --- the patch -------------------------------------------------------------------------------
 
+_original_start_request_stream = HttpStream.start_request_stream
 _original_state_stream_request_body = HttpStream.state_stream_request_body
 
 
 def _answer_and_discard(self: HttpStream) -> layer.CommandGenerator[None]:
     """Send flow.response to the client now and swallow whatever is left of the body."""
+    release(self.flow)
     response = self.flow.response
     assert response is not None
     response.timestamp_start = response.timestamp_end = time.time()
@@ -157,19 +192,36 @@ def _answer_and_discard(self: HttpStream) -> layer.CommandGenerator[None]:
     self.flow.live = False
 
 
+def _refuse_held(self: HttpStream, refusal: http.Response) -> layer.CommandGenerator[None]:
+    """A refusal while the body is held: nothing of it has left; answer, discard the rest."""
+    if self.flow.request.http_version.startswith("HTTP/1"):
+        refusal.headers["Connection"] = "close"  # the rest of the body is not read
+    self.flow.response = refusal
+    yield from _answer_and_discard(self)
+
+
 def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
-    """mitmproxy's start_request_stream, plus: answer an early refusal instead, and frame a
-    length-less HTTP/2 or HTTP/3 body as chunked towards an HTTP/1 upstream (mitmproxy 11
-    sends it unframed there, so the upstream reads an empty body and loses the upload)."""
+    """mitmproxy's start_request_stream, except: an early refusal is answered instead, and a
+    gated body is held — no upstream connection, no request headers sent — until its verdict."""
     if self.flow.metadata.get(_EARLY) and self.flow.response is not None:
         yield from _answer_and_discard(self)
         return
-    if self.flow.response:
-        raise NotImplementedError("Can't set a response and enable streaming at the same time.")
+    hold: HoldSpec | None = self.flow.metadata.get(_HOLD)
+    if hold is None:
+        yield from _original_start_request_stream(self)
+        return
+    self.flow.metadata[_HELD] = HeldBody(hold)
+    self.flow.metadata[_FORWARDED] = self.flow.metadata[_RECEIVED] = 0
+    self.client_state = self.state_hold_request_body  # type: ignore[attr-defined]
+
+
+def _send_request_head(self: HttpStream) -> layer.CommandGenerator[bool]:
+    """Connect upstream and send the request headers (the body follows)."""
     ok = yield from self.make_server_connection()
     if not ok:
+        release(self.flow)
         self.client_state = self.state_errored
-        return
+        return False
     request = self.flow.request
     if (
         (request.is_http2 or request.is_http3)
@@ -177,22 +229,84 @@ def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
         and "content-length" not in request.headers
         and "transfer-encoding" not in request.headers
     ):
+        # mitmproxy 11 sends a length-less HTTP/2 body unframed to an HTTP/1 upstream, which
+        # then reads an empty body: frame it as chunked.
         request.headers["transfer-encoding"] = "chunked"
     yield SendHttp(RequestHeaders(self.stream_id, request, end_stream=False), self.context.server)
-    self.client_state = self.state_stream_request_body
+    return True
+
+
+def _send_held(self: HttpStream) -> layer.CommandGenerator[None]:
+    held: HeldBody = self.flow.metadata[_HELD]
+    for chunk in held.chunks():
+        self.flow.metadata[_FORWARDED] += len(chunk)
+        yield SendHttp(RequestData(self.stream_id, chunk), self.context.server)
+    release(self.flow)
+
+
+@expect(RequestData, RequestTrailers, RequestEndOfMessage)
+def _state_hold_request_body(
+    self: HttpStream, event: RequestData | RequestTrailers | RequestEndOfMessage
+) -> layer.CommandGenerator[None]:
+    gates: list[Gate] = self.flow.metadata[_GATES]
+    held: HeldBody = self.flow.metadata[_HELD]
+    if isinstance(event, RequestData):
+        self.flow.metadata[_RECEIVED] += len(event.data)
+        refusal = _feed(gates, event.data)
+        if refusal is not None:
+            yield from _refuse_held(self, refusal)
+            return
+        held.append(event.data)
+        if held.size <= held.spec.max_bytes:
+            return
+        for gate in gates:
+            refusal = gate.overflow(held)
+            if refusal is not None:
+                yield from _refuse_held(self, refusal)
+                return
+        # Policy lets it stream: forward what is held, then the rest as it comes.
+        self.flow.metadata[_STREAMED] = True
+        if (yield from _send_request_head(self)):
+            yield from _send_held(self)
+            self.client_state = self.state_stream_request_body
+    elif isinstance(event, RequestTrailers):
+        self.flow.request.trailers = event.trailers  # sent after the body, once judged
+    else:
+        # The whole body is here and nothing of it has left: the verdict, in `request`.
+        self.flow.request.timestamp_end = time.time()
+        self.client_state = self.state_done
+        yield HttpRequestHook(self.flow)
+        if (yield from self.check_killed(True)):
+            release(self.flow)
+            return
+        if self.flow.response is not None:  # refused (or answered) by an addon
+            release(self.flow)
+            self.flow.response.timestamp_start = time.time()
+            yield HttpResponseHeadersHook(self.flow)
+            if (yield from self.check_killed(True)):
+                return
+            yield from self.send_response()
+            return
+        if not (yield from _send_request_head(self)):
+            return
+        yield from _send_held(self)
+        if self.flow.request.trailers:
+            yield SendHttp(
+                RequestTrailers(self.stream_id, self.flow.request.trailers), self.context.server
+            )
+        yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
 
 
 def _refuse_streamed(self: HttpStream, refusal: http.Response) -> layer.CommandGenerator[None]:
     """Abort the upstream request (it never sees the rest of the body nor its end) and answer
     the client with the refusal if the upstream has not answered yet."""
-    self.flow.metadata.pop(_HELD, None)
     yield SendHttp(
         RequestProtocolError(
             self.stream_id, "egress-guard: upload refused", status_codes.CLIENT_CLOSED_REQUEST
         ),
         self.context.server,
     )
-    if self.flow.response is None:
+    if self.flow.response is None or self.flow.response is refusal:
         if self.flow.request.http_version.startswith("HTTP/1"):
             refusal.headers["Connection"] = "close"
         self.flow.response = refusal
@@ -209,34 +323,37 @@ def _refuse_streamed(self: HttpStream, refusal: http.Response) -> layer.CommandG
 def _state_stream_request_body(
     self: HttpStream, event: RequestData | RequestTrailers | RequestEndOfMessage
 ) -> layer.CommandGenerator[None]:
+    """A body that outgrew its hold: each chunk shown to the gates before it is forwarded; a
+    refusal at the end (``flow.response`` set in ``request``) withholds the end of the body."""
     gates: list[Gate] = self.flow.metadata.get(_GATES, [])
     if not gates:
         yield from _original_state_stream_request_body(self, event)
         return
-    hold = any(g.hold_last for g in gates)
     if isinstance(event, RequestData):
+        self.flow.metadata[_RECEIVED] += len(event.data)
         refusal = _feed(gates, event.data)
         if refusal is not None:
             yield from _refuse_streamed(self, refusal)
             return
-        if not hold:
-            yield SendHttp(RequestData(self.stream_id, event.data), self.context.server)
+        self.flow.metadata[_FORWARDED] += len(event.data)
+        yield SendHttp(RequestData(self.stream_id, event.data), self.context.server)
+    elif isinstance(event, RequestTrailers):
+        self.flow.request.trailers = event.trailers
+    else:
+        self.flow.request.timestamp_end = time.time()
+        answered = self.flow.response
+        yield HttpRequestHook(self.flow)
+        if self.flow.response is not None and self.flow.response is not answered:
+            yield from _refuse_streamed(self, self.flow.response)
             return
-        held = self.flow.metadata.get(_HELD)
-        if held:
-            yield SendHttp(RequestData(self.stream_id, held), self.context.server)
-        self.flow.metadata[_HELD] = event.data
-        return
-    if isinstance(event, RequestEndOfMessage) and hold:
-        yield EgressBodyEndHook(self.flow)
-        refusal = self.flow.metadata.pop(_END_REFUSAL, None)
-        if refusal is not None:
-            yield from _refuse_streamed(self, refusal)
-            return
-        held = self.flow.metadata.pop(_HELD, None)
-        if held:
-            yield SendHttp(RequestData(self.stream_id, held), self.context.server)
-    yield from _original_state_stream_request_body(self, event)
+        self.client_state = self.state_done
+        if self.flow.request.trailers:
+            yield SendHttp(
+                RequestTrailers(self.stream_id, self.flow.request.trailers), self.context.server
+            )
+        yield SendHttp(event, self.context.server)
+        if self.server_state == self.state_done:
+            yield from self.flow_done()
 
 
 @expect(RequestData, RequestTrailers, RequestEndOfMessage)
@@ -293,13 +410,25 @@ def _ws_relay(self: ws_layer.WebsocketLayer, event: events.Event) -> layer.Comma
 
 
 def install() -> None:
-    """Idempotent; called when the addons are made."""
+    """Patch mitmproxy (idempotent). Refuses a mitmproxy other than the one this was written
+    and tested against: the patched methods are its internals, and a silent mismatch could
+    forward bodies before their verdict."""
+    if mitmproxy_version.VERSION != PINNED_MITMPROXY:
+        raise RuntimeError(
+            f"egress-guard's body gate was written for mitmproxy {PINNED_MITMPROXY} and patches "
+            f"its HTTP state machine; this is mitmproxy {mitmproxy_version.VERSION}. Install "
+            f"mitmproxy=={PINNED_MITMPROXY} (pip install 'mitmproxy=={PINNED_MITMPROXY}')."
+        )
     HttpStream.start_request_stream = _start_request_stream  # type: ignore[method-assign]
     HttpStream.state_stream_request_body = _state_stream_request_body  # type: ignore[method-assign]
+    HttpStream.state_hold_request_body = _state_hold_request_body  # type: ignore[attr-defined]
     HttpStream.state_discard_request_body = _state_discard_request_body  # type: ignore[attr-defined]
     tcp_layer.TCPLayer.relay_messages = _tcp_relay  # type: ignore[method-assign]
     http1_layer.Http1Server.read_headers = _read_headers  # type: ignore[method-assign]
     ws_layer.WebsocketLayer.relay_messages = _ws_relay  # type: ignore[method-assign]
+    from . import protocol_errors  # last: it wraps what is installed above (read_headers)
+
+    protocol_errors.install()
 
 
 # --- request heads of bounded size ----------------------------------------------------------

@@ -23,6 +23,7 @@ log = logging.getLogger("egress_guard")
 
 
 STATE = "egress_guard"
+PASSTHROUGH = "egress_guard.passthrough"  # on a TCP flow the gateway chose to pass through
 
 
 @dataclass
@@ -35,6 +36,7 @@ class FlowState:
     declared: int | None = None  # Content-Length as announced
     window_bytes: int = 0  # bytes this flow put into the user's upload window
     ws_sent: int = 0
+    ws_forwarded: int = 0  # of ws_sent, what the upstream got (a cut message is dropped)
     ws_received: int = 0
     ws_cut: bool = False
 
@@ -58,9 +60,12 @@ def window_key(who: Who, client: connection.Client) -> str:
 
 def request_hosts(flow: http.HTTPFlow) -> tuple[str, ...]:
     """Every name this request could reach: the URL/connection host, the SNI the client sent,
-    and the Host header (a client can make them disagree to sneak past a check on one)."""
+    the request target's authority (absolute form, HTTP/2's :authority) and the Host header (a
+    client can make them disagree to sneak past a check on one)."""
     req = flow.request
     hosts = [req.host]
+    if req.authority:
+        hosts.append(split_host_port(req.authority)[0])
     if flow.client_conn.sni:
         hosts.append(flow.client_conn.sni)
     if flow.server_conn.address:
@@ -69,6 +74,11 @@ def request_hosts(flow: http.HTTPFlow) -> tuple[str, ...]:
     if host_header:
         hosts.append(split_host_port(host_header)[0])
     return tuple(hosts)
+
+
+def tunnel_hosts(client: connection.Client, server: connection.Server) -> tuple[str, ...]:
+    """The names a tunnel goes to: its CONNECT target and the SNI the client sent."""
+    return tuple(h for h in (server.address[0] if server.address else "", client.sni) if h)
 
 
 def header_bytes(message: http.Message, first_line: int) -> int:

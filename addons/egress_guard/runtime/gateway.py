@@ -10,9 +10,8 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,38 +19,19 @@ from typing import Any
 from egress_guard import metrics
 from egress_guard.console import app as console
 from egress_guard.console.accounts import AccountBook, accounts_path
-from egress_guard.core.hosts import split_host_port
 from egress_guard.core.policy import Policy, PolicyWatcher, load_policy
 from egress_guard.core.upload import UploadWindows
 from egress_guard.requestlog.auditlog import AuditLog, RequestRow
 from egress_guard.requestlog.spool import Spool
-from egress_guard.requestlog.store import Store, default_dsn, describe_dsn
+from egress_guard.requestlog.store import Store, describe_dsn
 
 from .flows import FlowState
+from .heldbody import HoldSpec
+from .resolver import Destinations
 from .scanpool import ScanPool
+from .settings import GatewayConfig, parse_listen
 
 log = logging.getLogger("egress_guard")
-
-
-DEFAULT_DATA_DIR = "~/.egress-guard"
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    policies: Path
-    data_dir: Path
-    clickhouse: str  # DSN; "" = embedded under data_dir
-    admin: str  # HOST:PORT, "" = off
-    metrics: str  # HOST:PORT, "" = off
-    node: str
-    policy_poll: float = 2.0
-    spool_max: int = 2 << 30  # bytes of unsent rows kept on disk
-    audit_fail: str = "closed"  # closed: refuse requests when rows cannot be kept; open: forward
-    audit_sync: bool = False  # True: a response waits until its row is on disk
-
-    @property
-    def dsn(self) -> str:
-        return self.clickhouse or default_dsn(self.data_dir)
 
 
 def quiet_cancelled_clients(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -63,18 +43,20 @@ def quiet_cancelled_clients(loop: asyncio.AbstractEventLoop, context: dict[str, 
     loop.default_exception_handler(context)
 
 
-def parse_listen(value: str, what: str) -> tuple[str, int]:
-    host, port = split_host_port(value)
-    if port is None or not 0 <= port <= 65535:
-        raise ValueError(f"{what} must be HOST:PORT, got {value!r}")
-    return host or "127.0.0.1", port
-
-
 class Gateway:
     """What the addons share: the current policy, the store, the audit log and the servers."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        open_store: Callable[[str], Store] = Store,
+        after_insert: Callable[[], None] = lambda: None,
+    ):
         self.clock = clock
+        # Collaborators a caller may replace (the durability tests: a store that fails on
+        # demand, a process that dies between an insert and its checkpoint).
+        self._open_store = open_store
+        self._after_insert = after_insert
         self.config: GatewayConfig | None = None
         self.watcher: PolicyWatcher | None = None
         self.store: Store | None = None
@@ -82,6 +64,8 @@ class Gateway:
         self.tunnels: dict[str, FlowState] = {}  # the CONNECT's state, by client connection
         self.windows = UploadWindows(24 * 3600, clock)
         self.scans = ScanPool()
+        self.destinations = Destinations(clock)
+        self._hold: HoldSpec | None = None
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._remote_task: asyncio.Task[None] | None = None
@@ -98,6 +82,12 @@ class Gateway:
         return self.watcher.policy
 
     @property
+    def hold(self) -> HoldSpec:
+        """How request bodies are held until their verdict, under the current policy."""
+        assert self._hold is not None, "gateway not started"
+        return self._hold
+
+    @property
     def node(self) -> str:
         return self.config.node if self.config else ""
 
@@ -110,7 +100,7 @@ class Gateway:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         policy = load_policy(config.policies)
         self.watcher = PolicyWatcher(config.policies, policy)
-        self.store = Store(config.dsn)
+        self.store = self._open_store(config.dsn)
         store_note = ""
         try:
             self.store.open_schema(policy.retention_months)
@@ -134,9 +124,11 @@ class Gateway:
             on_written=metrics.AUDIT_ROWS_WRITTEN.inc,
             on_dropped=metrics.AUDIT_ROWS_DROPPED.inc,
             on_error=lambda e: metrics.AUDIT_INSERT_ERRORS.inc(),
+            after_insert=self._after_insert,
         )
         metrics.AUDIT_QUEUE_DEPTH.set_function(self.audit.depth)
         self._publish_policy(policy)
+        self.hold.prepare()
         if self.store.schema_ready:
             self._seed_windows()
         self.audit.start()
@@ -147,15 +139,25 @@ class Gateway:
             f"{policy.retention_months} months{store_note}",
         ]
 
-    def start_servers(self, confdir: Path) -> list[str]:
+    def start_servers(
+        self, confdir: Path, proxy_listeners: Iterable[tuple[str, int]] = ()
+    ) -> list[str]:
         """Console, admin API and metrics; called on the running event loop. ``confdir`` holds
-        mitmproxy's CA, which signs the console's certificate."""
+        mitmproxy's CA, which signs the console's certificate; ``proxy_listeners`` are the
+        addresses the proxy is bound to. None of these is ever reachable through the proxy."""
         # The proxy's loop shares the GIL with the log writer and the servers' threads; a
         # shorter switch interval than CPython's 5 ms keeps a busy writer from holding a
         # request up for a whole interval.
         sys.setswitchinterval(0.0005)
         assert self.config is not None and self.store is not None
         lines = []
+        own = [(str(a[0]), int(a[1])) for a in proxy_listeners]
+        own += [
+            parse_listen(v, w)
+            for v, w in ((self.config.admin, "--admin"), (self.config.metrics, "--metrics"))
+            if v
+        ]
+        self.destinations.listening(own)
         if self.config.metrics:
             host, port = parse_listen(self.config.metrics, "--metrics")
             self._servers.append(metrics.serve(host, port))
@@ -256,7 +258,13 @@ class Gateway:
             await asyncio.sleep(every)
 
     def _publish_policy(self, policy: Policy) -> None:
+        assert self.config is not None
         self.windows.window_seconds = policy.uploads.window_seconds
+        self._hold = HoldSpec(
+            self.config.data_dir / "held",
+            memory_bytes=policy.uploads.stream_above,
+            max_bytes=policy.markers.limits.max_body,
+        )
         metrics.POLICY_RULES.clear()
         for name, stats in policy.stats.items():
             metrics.POLICY_RULES.labels(name).set(stats.rules)

@@ -1,22 +1,28 @@
 """Setup: the gateway's options, startup and shutdown inside mitmproxy. With ``egress-guard run``
 the CLI starts the gateway before mitmproxy; with ``mitmdump -s`` this starts it from the
-``egress_*`` options."""
+``egress_*`` options, which are made from the table of ``settings``."""
 
 from __future__ import annotations
 
 import logging
-import socket
+import sys
 from pathlib import Path
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from egress_guard.core.policy import PolicyError, default_policy_dir
-from egress_guard.core.units import parse_size
+from egress_guard.core.policy import PolicyError
 
-from .gateway import DEFAULT_DATA_DIR, Gateway, GatewayConfig
+from .gateway import Gateway
+from .settings import SETTINGS, Setting, SettingError, gateway_config, value_of
 
 log = logging.getLogger("egress_guard")
+
+OPTIONS = tuple(s for s in SETTINGS if s.gateway)  # the proxy's listen address is mitmproxy's
+
+
+def _option_name(setting: Setting) -> str:
+    return setting.option
 
 
 class Setup:
@@ -27,65 +33,37 @@ class Setup:
         self.gw = gateway
 
     def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "egress_policies", str, str(default_policy_dir()), "Policy directory (YAML files)."
-        )
-        loader.add_option(
-            "egress_data_dir",
-            str,
-            DEFAULT_DATA_DIR,
-            "State directory: embedded store, admin token.",
-        )
-        loader.add_option(
-            "egress_clickhouse",
-            str,
-            "",
-            "ClickHouse DSN; empty = embedded chdb under egress_data_dir.",
-        )
-        loader.add_option(
-            "egress_admin", str, "127.0.0.1:8081", "Admin API HOST:PORT; empty = off."
-        )
-        loader.add_option(
-            "egress_metrics", str, "127.0.0.1:9464", "Prometheus /metrics HOST:PORT; empty = off."
-        )
-        loader.add_option(
-            "egress_node", str, socket.gethostname(), "Node name written into every log row."
-        )
-        loader.add_option("egress_spool_max", str, "2GiB", "Disk for rows not yet stored.")
-        loader.add_option(
-            "egress_audit_fail",
-            str,
-            "closed",
-            "closed: refuse requests when rows cannot be kept; open: forward.",
-        )
-        loader.add_option(
-            "egress_audit_sync",
-            str,
-            "batch",
-            "batch: rows reach disk every 0.5 s; request: responses wait for it.",
-        )
+        for s in OPTIONS:
+            loader.add_option(s.option, str, s.default, s.help, choices=s.choices or None)
 
     def configure(self, updated: set[str]) -> None:
+        self._check([s for s in OPTIONS if s.option in updated])
         # A blocked host must never be contacted: no upstream connection before the first
         # request is decided, so no early DNS lookup or TCP connect at CONNECT time.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.connection_strategy = "lazy"
 
+    def _check(self, changed: list[Setting]) -> None:
+        """Refuse a value its setting does not take (mitmproxy 11 keeps ``choices`` for its
+        help only: ``--set egress_audit_fail=close`` would otherwise run failing open)."""
+        try:
+            for s in changed:
+                value_of(s, getattr(ctx.options, s.option), _option_name)
+        except SettingError as e:
+            if self.gw.started:  # egress-guard run's --set, or a change at run time
+                raise exceptions.OptionsError(str(e)) from None
+            # mitmdump -s: the script loads in a task after the command line is read; an
+            # OptionsError there is logged with a traceback and mitmdump exits only once its
+            # proxy listens. Stop here, before it does, saying why, as mitmdump would.
+            print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
     def running(self) -> None:
         if not self.gw.started:
-            opts = ctx.options
-            config = GatewayConfig(
-                policies=Path(opts.egress_policies).expanduser(),
-                data_dir=Path(opts.egress_data_dir).expanduser(),
-                clickhouse=opts.egress_clickhouse,
-                admin=opts.egress_admin,
-                metrics=opts.egress_metrics,
-                node=opts.egress_node,
-                spool_max=parse_size(opts.egress_spool_max),
-                audit_fail=opts.egress_audit_fail,
-                audit_sync=opts.egress_audit_sync == "request",
-            )
             try:
+                config = gateway_config(
+                    {s.name: getattr(ctx.options, s.option) for s in OPTIONS}, _option_name
+                )
                 for line in self.gw.start(config):
                     print(line, flush=True)
             except PolicyError as e:
@@ -96,7 +74,10 @@ class Setup:
                 log.error("cannot start egress-guard: %s", e)
                 ctx.master.shutdown()
                 return
-        for line in self.gw.start_servers(Path(ctx.options.confdir).expanduser()):
+        for line in self.gw.start_servers(
+            Path(ctx.options.confdir).expanduser(),
+            ctx.master.addons.get("proxyserver").listen_addrs(),
+        ):
             print(line, flush=True)
         print("egress-guard ready", flush=True)
 

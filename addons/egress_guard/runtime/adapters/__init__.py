@@ -1,8 +1,9 @@
 """Adapters: the mitmproxy side of each concern — turn a flow into plain values, call the pure
 decision functions in ``core``, carry out the answer. ``addon.EgressGuard`` calls them in order.
 
-They see the gateway only through ``Runtime``: the policy, the clock, the upload windows, the
-scan pool, the CONNECT state per client connection, and the request log.
+They see the gateway only through ``Runtime``: the policy, the clock, the upload windows, how
+bodies are held, the scan pool, where requests may go, the CONNECT state per client
+connection, and the request log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from egress_guard.requestlog.auditlog import RequestRow
 
     from ..flows import FlowState
+    from ..heldbody import HoldSpec
+    from ..resolver import Destinations
     from ..scanpool import ScanPool
 
 
@@ -24,10 +27,14 @@ class Runtime(Protocol):
     clock: Callable[[], float]
     windows: UploadWindows
     scans: ScanPool
+    destinations: Destinations
     tunnels: dict[str, FlowState]  # the CONNECT's state, by client connection id
 
     @property
     def policy(self) -> Policy: ...
+
+    @property
+    def hold(self) -> HoldSpec: ...
 
     @property
     def fails_closed(self) -> bool: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable
 from concurrent.futures import Future
 from dataclasses import replace
@@ -17,9 +18,17 @@ from egress_guard.core.identity import Who, identify
 from egress_guard.requestlog.auditlog import RequestRow, bounded, utc_from_timestamp
 
 from .. import bodygate
-from ..flows import STATE, FlowState, audit_unavailable_response, client_ip, header_bytes
+from ..flows import (
+    PASSTHROUGH,
+    STATE,
+    FlowState,
+    audit_unavailable_response,
+    client_ip,
+    header_bytes,
+)
 
 if TYPE_CHECKING:
+    from ..protocol_errors import ProtocolErrorData
     from . import Runtime
 
 
@@ -35,10 +44,12 @@ class Audit:
         who = state.who if state else Who("")
         decision = state.decision if state else ALLOW
         end = (resp.timestamp_end if resp and resp.timestamp_end else None) or self.rt.clock()
-        if state is not None and state.gate is not None:
-            body = state.gate.seen
-        else:
+        body = bodygate.received_bytes(flow)
+        forwarded = bodygate.forwarded_bytes(flow)
+        if body is None:  # not gated: mitmproxy buffered it (or there was none)
             body = len(req.raw_content) if req.raw_content else 0
+            sent = decision.verdict != "block" and flow.server_conn.timestamp_start is not None
+            forwarded = body if sent else 0
         first_line = len(req.method) + len(req.path) + len(req.http_version) + 4
         error = flow.error.msg if flow.error else ""
         if decision.scan and decision.scan.unscannable:
@@ -76,9 +87,11 @@ class Audit:
             window_bytes=(state.window_bytes + (state.gate.counted if state.gate else 0))
             if state
             else 0,
+            forwarded_bytes=forwarded or 0,
         )
 
     def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> Future[None] | None:
+        bodygate.release(flow)  # the flow is over: a held body's file goes
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.logged:
             return None
@@ -127,6 +140,8 @@ class Audit:
         if state is not None:
             if message.from_client:
                 state.ws_sent += len(message.content)
+                if not message.dropped:
+                    state.ws_forwarded += len(message.content)
             else:
                 state.ws_received += len(message.content)
         del flow.websocket.messages[:]
@@ -136,6 +151,7 @@ class Audit:
         row = self._http_row(flow, state, "websocket")
         sent, received = (state.ws_sent, state.ws_received) if state else (0, 0)
         row.upload_bytes, row.request_bytes, row.response_bytes = sent, sent, received
+        row.forwarded_bytes = state.ws_forwarded if state else 0
         row.declared_bytes = 0
         row.window_bytes = state.window_bytes if state else 0
         row.request_id = f"{flow.id}/ws"
@@ -151,6 +167,7 @@ class Audit:
         error: str,
         intercepted: bool,
         state: FlowState | None = None,
+        scheme: str = "tls",
     ) -> RequestRow:
         host, port = server.address if server.address else (sni or "", 0)
         state = state or self.rt.tunnels.get(client.id)
@@ -164,7 +181,7 @@ class Audit:
             user=who.user,
             groups=list(who.groups),
             method="CONNECT",
-            scheme="tls",
+            scheme=scheme,
             host=normalize_host(host),
             port=port,
             kind="tunnel",
@@ -178,6 +195,7 @@ class Audit:
             upload_bytes=gate.seen if gate else 0,
             request_bytes=gate.seen if gate else 0,
             window_bytes=gate.counted if gate else 0,
+            forwarded_bytes=gate.seen if gate else 0,  # a cut chunk is not relayed
         )
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
@@ -201,6 +219,7 @@ class Audit:
             flow.error.msg if flow.error else "",
             False,
             state,
+            "tls" if flow.metadata.get(PASSTHROUGH) else "tcp",
         )
         row.response_bytes = state.ws_received
         self.rt.record(row)
@@ -221,5 +240,33 @@ class Audit:
                 client.sni,
                 f"TLS interception failed, tunnel closed: {reason}",
                 False,
+            )
+        )
+
+    def egress_protocol_error(self, data: ProtocolErrorData) -> None:
+        """A request refused before any flow hook saw it (protocol_errors): a block row."""
+        client = data.client
+        state = self.rt.tunnels.get(client.id)
+        who = state.who if state else identify(client_ip(client), None, self.rt.policy)
+        self.rt.record(
+            RequestRow(
+                ts=utc_from_timestamp(data.timestamp),
+                request_id=str(uuid.uuid4()),
+                client_ip=client_ip(client),
+                user=who.user,
+                groups=list(who.groups),
+                method=data.method,
+                scheme=data.scheme,
+                host=normalize_host(data.host),
+                port=data.port,
+                path=bounded(data.path.split("?", 1)[0], "path"),
+                query=bounded(data.path.partition("?")[2], "query"),
+                http_version=data.http_version,
+                kind="http",
+                status=data.status,
+                decision="block",
+                reason_kind="error",
+                tls_intercepted=client.tls_established,
+                error=bounded(data.reason, "error"),
             )
         )

@@ -1,11 +1,13 @@
-"""Blocklist adapter: carries out blocklist decisions at CONNECT, at the start of a tunnel, at
-request headers and before any upstream connection."""
+"""Blocklist adapter: where a request may go — the blocklists, the gateway's own sockets and
+internal addresses, tunnels that carry something other than HTTP — decided at CONNECT, at the
+start of a tunnel, at request headers and on every upstream connection."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from mitmproxy import http, tls
+from mitmproxy import http, tcp, tls
 from mitmproxy.proxy import layers, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
@@ -13,23 +15,56 @@ from egress_guard.core.decision import (
     Decision,
     RequestFacts,
     decide,
+    decide_destination,
+    decide_raw_tunnel,
+    decide_tunnel_target,
     is_passthrough,
     needs_interception,
 )
+from egress_guard.core.hosts import is_ip_literal
 
 from .. import bodygate
-from ..flows import STATE, FlowState, blocked_response, request_hosts
+from ..flows import (
+    PASSTHROUGH,
+    STATE,
+    FlowState,
+    blocked_response,
+    request_hosts,
+    tunnel_hosts,
+)
 
 if TYPE_CHECKING:
     from . import Runtime
 
 
 class Blocklist:
-    """Carries out blocklist decisions at CONNECT, at the start of a tunnel, at request headers
-    and, as the last line, before any upstream connection."""
+    """Where a request may go: the blocklists, and the places the gateway never forwards to
+    (its own sockets, internal addresses, a request target that disagrees with its tunnel).
+    Decided at CONNECT, at the start of a tunnel, at request headers and, as the last line,
+    on the address each upstream connection is made to."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
+        self._pinned: dict[str, tuple[str, int]] = {}  # server id → the name it was opened for
+
+    def _reachable(self, flow: http.HTTPFlow, host: str, port: int) -> Awaitable[None] | None:
+        """Refuse a destination the gateway never forwards to: now when the answer is known
+        (an address, or a name resolved lately), else after resolving it (a coroutine)."""
+        state: FlowState = flow.metadata[STATE]
+        if state.decision.verdict == "block":
+            return None
+        rules = self.rt.policy.destinations
+        known, refusal = self.rt.destinations.check_now(host, port, rules)
+        if known:
+            if refusal is not None:
+                state.decision = decide_destination(refusal, host)
+            return None
+        return self._resolve_then_judge(state, host, port)
+
+    async def _resolve_then_judge(self, state: FlowState, host: str, port: int) -> None:
+        refusal, _ = await self.rt.destinations.check(host, port, self.rt.policy.destinations)
+        if refusal is not None:
+            state.decision = decide_destination(refusal, host)
 
     def _decide(self, flow: http.HTTPFlow, path: str | None) -> Decision:
         state: FlowState = flow.metadata[STATE]
@@ -39,10 +74,11 @@ class Blocklist:
         state.decision = decide(facts, self.rt.policy)
         return state.decision
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # A blocked CONNECT is still answered 200: the TLS session is then terminated here
         # (certificate from the SNI, no upstream) so the browser can show the block page.
         self._decide(flow, None)
+        return self._reachable(flow, flow.request.host, flow.request.port)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """The SNI is a new fact about the tunnel: decide it again with it (a CONNECT to an
@@ -62,6 +98,7 @@ class Blocklist:
         mitmproxy's own next-layer addon may run before this one (``egress-guard run``) or
         after it (``mitmdump -s``): either nothing is chosen yet, or it has just chosen TLS
         interception for the inside of a CONNECT tunnel."""
+        self._dns_as_raw_tcp(nextlayer)
         if not self.rt.policy.passthrough.rule_count:
             return
         context = nextlayer.context
@@ -90,18 +127,106 @@ class Blocklist:
         if needs_interception(hosts, policy) or not any(is_passthrough(h, policy) for h in hosts):
             return
         del stack[base:]  # drop the TLS layers mitmproxy had stacked for interception
+        relay = layers.TCPLayer(context)
+        assert relay.flow is not None
+        relay.flow.metadata[PASSTHROUGH] = True
+        nextlayer.layer = relay
+
+    @staticmethod
+    def _dns_as_raw_tcp(nextlayer: layers.NextLayer) -> None:
+        """mitmproxy would answer a tunnel to port 53 with its DNS layer, which relays the
+        queries to the upstream with no hook of ours on the way: take it as raw TCP instead,
+        so it is refused (or, to a raw-TCP host, relayed, counted and logged) like any other
+        non-HTTP tunnel. Whichever next-layer addon runs first, this one decides."""
+        context = nextlayer.context
+        address = context.server.address
+        if address is None or address[1] not in (53, 5353):
+            return
+        stack, proposed = context.layers, nextlayer.layer
+        if proposed is None:
+            base = len(stack)
+        elif isinstance(proposed, layers.DNSLayer) and proposed in stack:
+            base = stack.index(proposed)
+        else:
+            return
+        if not base or not isinstance(stack[base - 1], layers.http.HttpStream):
+            return  # only the inside of a CONNECT tunnel
+        del stack[base:]  # a layer adds itself to the stack when it is made
         nextlayer.layer = layers.TCPLayer(context)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Raw TCP inside a tunnel that is not a pass-through: mitmproxy found no HTTP in it (a
+        binary protocol, TLS without an HTTP ALPN). It cannot be scanned, so it is refused —
+        before any upstream connection — unless the policy lists the host for raw TCP."""
+        if flow.metadata.get(PASSTHROUGH):
+            return
+        state: FlowState = flow.metadata[STATE]
+        refusal = state.decision if state.decision.verdict == "block" else None
+        if refusal is None:
+            refusal = decide_raw_tunnel(
+                tunnel_hosts(flow.client_conn, flow.server_conn), self.rt.policy
+            )
+        if refusal is not None:
+            state.decision = refusal
+            flow.server_conn.error = f"egress-guard: tunnel refused by rule {refusal.rule_id}"
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The blocklists, then whether the destination may be reached at all (a coroutine
+        when its name must be resolved first); ``refuse`` carries the decision out."""
         decision = self._decide(flow, flow.request.path)
-        if decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
-            state: FlowState = flow.metadata[STATE]
+        req = flow.request
+        if (
+            decision.verdict != "block"
+            and req.authority
+            and req.http_version.startswith("HTTP/1")
+            and flow.client_conn.id in self.rt.tunnels
+        ):
+            # Absolute form inside a tunnel: the upstream routes by the URL's host.
+            mismatch = decide_tunnel_target(req.authority, req.host)
+            if mismatch is not None:
+                flow.metadata[STATE].decision = mismatch
+        return self._reachable(flow, req.host, req.port)
+
+    def refuse(self, flow: http.HTTPFlow) -> None:
+        """After ``requestheaders``: a blocked request gets its block page, with no upstream
+        contact and without reading its body."""
+        state: FlowState = flow.metadata[STATE]
+        if state.decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
             bodygate.refuse_at_headers(flow, blocked_response(flow, state, self.rt.clock()))
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        address = data.server.address
-        if not address:
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """The last line, on every upstream connection: the blocklists for its address and
+        SNI, and the addresses its name resolves to, now. The connection is made to the
+        address just checked (pinned), so a name that resolves elsewhere a moment later
+        (DNS rebinding) reaches nothing it should not."""
+        server = data.server
+        if not server.address or server.via is not None:  # a parent proxy resolves itself
             return
-        decision = decide(RequestFacts((address[0], data.server.sni or ""), None), self.rt.policy)
+        host, port = server.address[0], server.address[1]
+        decision = decide(RequestFacts((host, server.sni or ""), None), self.rt.policy)
         if decision.verdict == "block":
-            data.server.error = f"egress-guard: {address[0]} is blocked by rule {decision.rule_id}"
+            server.error = f"egress-guard: {host} is blocked by rule {decision.rule_id}"
+            return
+        refusal, addresses = await self.rt.destinations.check(
+            host, port, self.rt.policy.destinations
+        )
+        if refusal is not None:
+            server.error = (
+                f"egress-guard: {host} ({refusal.address}) may not be reached through the "
+                f"gateway (rule {refusal.rule_id})"
+            )
+        elif addresses and not is_ip_literal(host):
+            self._pinned[server.id] = (host, port)
+            server.address = (addresses[0], port)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Connected to the pinned address: give the connection its name back, so mitmproxy
+        reuses it for the next request to that name (it matches connections by address; the
+        peer address stays the one connected to). mitmproxy refuses to change the address of
+        an open connection, to keep addons from believing they can move it; this only renames
+        it, hence the direct set."""
+        if (name := self._pinned.pop(data.server.id, None)) is not None:
+            object.__setattr__(data.server, "address", name)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.server_connected(data)

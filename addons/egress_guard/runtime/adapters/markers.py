@@ -1,10 +1,17 @@
-"""Markers adapter: secret-marker scanning of request bodies and client WebSocket messages."""
+"""Markers adapter: secret-marker scanning of request bodies and client WebSocket messages.
+
+A body is held (``bodygate``) and scanned whole — every decoding, off the event loop when it is
+large — in ``request``, before any of it is forwarded. One that outgrows the hold cannot be
+decoded whole: its verdict is ``unscannable`` and the policy decides at that moment; if the
+policy lets it through, its raw text is scanned as it streams and a blocking marker cuts it.
+"""
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mitmproxy import http, websocket
@@ -12,57 +19,67 @@ from mitmproxy import http, websocket
 from egress_guard import metrics
 from egress_guard.core.decode import looks_binary
 from egress_guard.core.hosts import normalize_host
-from egress_guard.core.scan import MarkerPolicy, ScanResult, StreamScanner
+from egress_guard.core.scan import MarkerPolicy, ScanResult, StreamScanner, Verdict
 
 from .. import bodygate
 from ..flows import STATE, FlowState, marker_response
+from ..heldbody import HeldBody
 
 if TYPE_CHECKING:
     from . import Runtime
 
 
 class ScanGate:
-    """Watches a streamed body for markers: its raw text as it passes (a marker there stops
-    the upload at once), and a copy up to ``max_body`` for the full decode at the end."""
+    """The body gate for markers. While the body is held it has nothing to do (the whole body
+    is scanned at its end); when the body outgrows the hold it gives the ``unscannable``
+    verdict and, if that lets the body stream, scans its raw text as it passes."""
 
-    hold_last = True  # the upstream gets the last chunk only after the end-of-body verdict
-
-    def __init__(self, policy: MarkerPolicy, on_found: Callable[[set[int]], http.Response | None]):
-        self.policy = policy
-        self.on_found = on_found
-        self.buffer: bytearray | None = bytearray()
-        self.stream: StreamScanner | None = StreamScanner(policy.markers)
+    def __init__(self, markers: Markers, flow: http.HTTPFlow, state: FlowState):
+        self.markers = markers
+        self.flow = flow
+        self.state = state
+        self.stream: StreamScanner | None = None
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.unscannable = ""
 
     def feed(self, data: bytes) -> http.Response | None:
-        if self.buffer is not None:
-            self.buffer += data
-            if len(self.buffer) <= self.policy.limits.max_body:
-                return None  # decoded and scanned whole at the end, off the event loop
-            # Too big to decode whole: from here on only its raw text is scanned, as it
-            # passes (binary has none), and the verdict at the end is `unscannable`.
-            buffered, self.buffer = self.buffer, None
-            if looks_binary(bytes(buffered[:8192])):
-                self.stream = None
-                return None
-            for at in range(0, len(buffered), self.SLICE):  # bounded memory per step
-                found = self._scan(bytes(buffered[at : at + self.SLICE]))
-                if found is not None:
-                    return found
-            return None
-        return self._scan(data) if self.stream is not None else None
+        return None if self.stream is None else self._scan(data)
 
-    SLICE = 256 * 1024
+    def overflow(self, held: HeldBody) -> http.Response | None:
+        policy = self.markers.rt.policy.markers
+        self.unscannable = (
+            f"body over {policy.limits.max_body} bytes: only its text was scanned as it passed"
+        )
+        verdict = self.markers.verdict(self.flow, self.state, policy, set(), self.unscannable)
+        if verdict.action == "block":
+            return self.markers.apply(self.flow, self.state, verdict)
+        first = next(held.chunks(), b"")
+        if looks_binary(first[:8192]):
+            return None  # no text to scan as it streams
+        self.stream = StreamScanner(policy.markers)
+        for chunk in held.chunks():  # what is held goes out first: scan it first
+            refusal = self._scan(chunk)
+            if refusal is not None:
+                return refusal
+        return None
 
     def _scan(self, data: bytes) -> http.Response | None:
         assert self.stream is not None
-        new = self.stream.feed(self.decoder.decode(data))
-        return self.on_found(self.stream.found) if new else None
+        if not self.stream.feed(self.decoder.decode(data)):
+            return None
+        policy = self.markers.rt.policy.markers
+        verdict = self.markers.verdict(self.flow, self.state, policy, self.stream.found)
+        if verdict.action != "block":
+            return None  # alerts are recorded with the end-of-body verdict
+        return self.markers.apply(self.flow, self.state, verdict)
+
+    def result(self) -> ScanResult:
+        return ScanResult(set(self.stream.found) if self.stream else set(), self.unscannable)
 
 
 class Markers:
-    """Secret-marker scanning of request bodies and client WebSocket messages: buffered
-    bodies when complete, streamed ones as they pass and again, whole, at their end."""
+    """Secret-marker scanning of request bodies and client WebSocket messages, each judged
+    before it is forwarded."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -74,114 +91,98 @@ class Markers:
             return None
         return state, policy
 
-    def _apply(
+    def verdict(
         self,
         flow: http.HTTPFlow,
         state: FlowState,
         policy: MarkerPolicy,
         found: set[int],
         unscannable: str = "",
-    ) -> http.Response | None:
-        """Record the verdict on the flow; the block page when it blocks."""
-        who = state.who
-        verdict = policy.verdict(
+    ) -> Verdict:
+        """What the policy says of what a scan found, for this user and destination."""
+        return policy.verdict(
             found,
             unscannable,
-            who.user,
-            who.groups,
+            state.who.user,
+            state.who.groups,
             normalize_host(flow.request.host),
             state.decision.category,
         )
+
+    def apply(
+        self, flow: http.HTTPFlow, state: FlowState, verdict: Verdict
+    ) -> http.Response | None:
+        """Record the verdict on the flow (and in the metrics); the block page when it
+        blocks."""
         category = state.decision.category
         for hit in verdict.hits:
             metrics.MARKER_MATCHES.labels(hit.level, category).inc()
         metrics.SCAN_VERDICTS.labels(verdict.action or "clean").inc()
         if verdict.action in ("", "log") and not verdict.hits:
             return None
-        kind = (
-            "block"
-            if verdict.action == "block"
-            else ("alert" if verdict.action == "alert" else state.decision.verdict)
-        )
-        if kind == "alert":
+        if verdict.action == "block":
+            kind = "block"
+        elif verdict.action == "alert":
+            kind = "alert"
             metrics.MARKER_ALERTS.labels(verdict.level).inc()
+        else:
+            kind = state.decision.verdict
         state.decision = replace(state.decision, verdict=kind, reason_kind="marker", scan=verdict)
         if kind == "block":
             return marker_response(flow, state, verdict, self.rt.clock())
         return None
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.request.stream:
-            return  # refused already, or buffered: scanned whole in `request`
-        found = self._policy(flow)
-        if found is None:
-            return
-        state, policy = found
-        bodygate.add_gate(
-            flow, ScanGate(policy, lambda f: self._refuse_now(flow, state, policy, f))
-        )
+    def _judge(self, flow: http.HTTPFlow, state: FlowState, result: ScanResult) -> None:
+        """The verdict on the body's scan and on its trailers (held with it, sent after it)."""
+        found = result.found
+        if flow.request.trailers:
+            trailers = flow.request.trailers.items(multi=True)
+            fields = "\n".join(f"{name}: {value}" for name, value in trailers)
+            found = found | self.rt.policy.markers.markers.find(fields)
+        verdict = self.verdict(flow, state, self.rt.policy.markers, found, result.unscannable)
+        refusal = self.apply(flow, state, verdict)
+        if refusal is not None:
+            flow.response = refusal  # bodygate answers it; nothing of the body has left
 
-    def _refuse_now(
-        self, flow: http.HTTPFlow, state: FlowState, policy: MarkerPolicy, found: set[int]
-    ) -> http.Response | None:
-        """Mid-stream: stop at once for a blocking marker; alerts wait for the end."""
-        who = state.who
-        verdict = policy.verdict(
-            found,
-            "",
-            who.user,
-            who.groups,
-            normalize_host(flow.request.host),
-            state.decision.category,
-        )
-        if verdict.action != "block":
-            return None
-        return self._apply(flow, state, policy, found)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or bodygate.declared_length(flow.request) == 0:
+            return  # refused already, or no body
+        found = self._policy(flow)
+        if found is not None:
+            bodygate.add_gate(flow, ScanGate(self, flow, found[0]), self.rt.hold)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if flow.response is not None or flow.request.stream:
+        """The body is complete and none of it forwarded (or, past its hold, streamed): its
+        verdict. A coroutine when there is something to scan, None otherwise."""
+        if flow.response is not None:
             return None
         found = self._policy(flow)
-        if found is None or not flow.request.raw_content:
-            return None  # nothing to scan: no coroutine on the hot path
-        return self._scan_buffered(flow, *found)
+        if found is None:
+            return None
+        state, _ = found
+        gate = next((g for g in bodygate.gates_of(flow) if isinstance(g, ScanGate)), None)
+        if gate is not None and bodygate.streamed(flow):
+            self._judge(flow, state, gate.result())
+            return None
+        held = bodygate.held_body(flow)
+        if held is not None:
+            if held.size:
+                return self._scan(flow, state, held.content())
+            if flow.request.trailers:
+                self._judge(flow, state, ScanResult(set()))
+            return None
+        body = flow.request.raw_content  # a body no gate held (none should reach here)
+        return self._scan(flow, state, body) if body else None
 
-    async def _scan_buffered(
-        self, flow: http.HTTPFlow, state: FlowState, policy: MarkerPolicy
-    ) -> None:
-        body = flow.request.raw_content
-        assert body is not None
+    async def _scan(self, flow: http.HTTPFlow, state: FlowState, body: bytes | Path) -> None:
         headers = flow.request.headers
         result = await self.rt.scans.scan(
-            policy, body, headers.get("content-type", ""), headers.get("content-encoding", "")
+            self.rt.policy.markers,
+            body,
+            headers.get("content-type", ""),
+            headers.get("content-encoding", ""),
         )
-        refusal = self._apply(flow, state, policy, result.found, result.unscannable)
-        if refusal is not None:
-            flow.response = refusal
-
-    async def egress_body_end(self, flow: http.HTTPFlow) -> None:
-        gate = next((g for g in bodygate.gates_of(flow) if isinstance(g, ScanGate)), None)
-        found = self._policy(flow)
-        if gate is None or found is None:
-            return
-        state, policy = found
-        if gate.buffer is None:
-            result = ScanResult(
-                set(gate.stream.found) if gate.stream else set(),
-                f"body over {policy.limits.max_body} bytes: only its text was scanned",
-            )
-        else:
-            headers = flow.request.headers
-            result = await self.rt.scans.scan(
-                policy,
-                gate.buffer,
-                headers.get("content-type", ""),
-                headers.get("content-encoding", ""),
-            )
-            gate.buffer = None
-        refusal = self._apply(flow, state, policy, result.found, result.unscannable)
-        if refusal is not None:
-            bodygate.refuse_at_end(flow, refusal)
+        self._judge(flow, state, result)
 
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A client message, complete and not yet forwarded: scanned (a coroutine), or None
@@ -201,6 +202,7 @@ class Markers:
         policy: MarkerPolicy,
     ) -> None:
         result = await self.rt.scans.scan(policy, message.content, "", "")
-        if self._apply(flow, state, policy, result.found, result.unscannable) is not None:
+        verdict = self.verdict(flow, state, policy, result.found, result.unscannable)
+        if self.apply(flow, state, verdict) is not None:
             state.ws_cut = True
             bodygate.cut_websocket(flow, message)

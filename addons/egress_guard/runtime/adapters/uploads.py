@@ -14,6 +14,7 @@ from egress_guard.core.upload import CapHit, Limits, UploadGate, check, limits_f
 
 from .. import bodygate
 from ..flows import STATE, FlowState, cap_response, window_key
+from ..heldbody import HeldBody
 
 if TYPE_CHECKING:
     from . import Runtime
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 class CapGate:
     """The body gate for upload caps: counts each chunk, a refusal when it crosses a cap."""
 
-    hold_last = False
-
     def __init__(self, counter: UploadGate, refuse: Callable[[CapHit], http.Response]):
         self.counter = counter
         self.refuse = refuse
@@ -31,6 +30,9 @@ class CapGate:
     def feed(self, data: bytes) -> http.Response | None:
         hit = self.counter.feed(data)
         return None if hit is None else self.refuse(hit)
+
+    def overflow(self, held: HeldBody) -> None:
+        """Caps do not mind a large body: they keep counting it as it streams."""
 
 
 class Uploads:
@@ -68,28 +70,11 @@ class Uploads:
             if limits.per_user is not None:
                 windows.add(key, declared)
                 state.window_bytes = reserved = declared
-        if declared is None or declared > self.rt.policy.uploads.stream_above:
+        if declared != 0 and (limits.per_request is not None or limits.per_user is not None):
+            # Counted chunk by chunk as it arrives, and held until its verdict (bodygate).
             state.gate = UploadGate(limits, windows, key, reserved)
-            bodygate.add_gate(flow, CapGate(state.gate, lambda hit: self._refuse(flow, state, hit)))
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        """A buffered body nobody announced the size of (HTTP/2 without Content-Length): check
-        it now, before it is forwarded."""
-        state: FlowState | None = flow.metadata.get(STATE)
-        if state is None or state.limits is None or state.gate is not None or flow.response:
-            return
-        size = len(flow.request.raw_content or b"")
-        if state.declared is not None or not size:
-            return
-        key = window_key(state.who, flow.client_conn)
-        limits = state.limits
-        used = self.rt.windows.used(key) if limits.per_user is not None else 0
-        hit = check(limits, size, used)
-        if hit is not None:
-            flow.response = self._refuse(flow, state, hit)
-        elif limits.per_user is not None:
-            self.rt.windows.add(key, size)
-            state.window_bytes = size
+            refuse = CapGate(state.gate, lambda hit: self._refuse(flow, state, hit))
+            bodygate.add_gate(flow, refuse, self.rt.hold)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
