@@ -3,7 +3,8 @@
     mitmdump -s addons/egress_guard_addon.py --set egress_policies=policies \
              --set egress_data_dir=/var/lib/egress-guard
 
-Every ``egress_*`` option is listed by ``mitmdump -s addons/egress_guard_addon.py --options``.
+The ``egress_*`` options are those of ``egress-guard run`` (see ``egress-guard run --help``
+and the README); mitmdump loads scripts after it lists its own options.
 """
 
 import sys

@@ -45,7 +45,7 @@ class FakeRuntime:
 
         self.now = now
         self._policy = load_policy(policy_dir)
-        self.hold = HoldSpec(spill_dir, self._policy.uploads.stream_above)
+        self.hold = HoldSpec(spill_dir, self._policy.uploads.hold_in_memory)
         self.hold.prepare()
         self.windows = UploadWindows(self._policy.uploads.window_seconds, self.clock)
         self.scans = ScanPool()

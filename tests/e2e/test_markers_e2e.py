@@ -20,7 +20,7 @@ from support import policy_copy
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 
-UPLOADS = "uploads:\n  per_request: 64MiB\n  per_user: 1GiB\n  stream_above: 256KiB\n"
+UPLOADS = "uploads:\n  per_request: 64MiB\n  per_user: 1GiB\n  hold_in_memory: 256KiB\n"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_websocket_message_with_a_marker(gw, ws_upstream):
 
 
 def test_large_held_body_with_the_marker_near_its_end(gw, upstream):
-    # Over stream_above: held in a private file, not in memory, until the whole body has been
+    # Over hold_in_memory: held in a private file, not in memory, until the whole body has been
     # decoded and scanned; refused, the upstream never hears of it.
     filler = ("季度销售数据汇总，" * 200_000).encode()  # ~5.4 MB of innocent text
     body = filler + "\n附：绝密★长期\n".encode()

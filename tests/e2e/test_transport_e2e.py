@@ -73,10 +73,14 @@ def ca(tmp_path_factory):
     return TestCA(tmp_path_factory.mktemp("recorder-ca"))
 
 
+RAW_TCP_HOST = "localhost"  # raw TCP allowed to this name (to 127.0.0.1 it stays refused)
+
+
 def _gateway(base: Path, ca: TestCA) -> GatewayProcess:
-    """The shipped policy; the upstream trust holds the recorders' CA and the gateway's own CA
-    (made before the start, as an admin would install it on the gateway host too), so the
-    gateway's console is a reachable TLS upstream like any other."""
+    """The shipped policy, with raw TCP allowed to ``RAW_TCP_HOST``; the upstream trust holds
+    the recorders' CA and the gateway's own CA (made before the start, as an admin would
+    install it on the gateway host too), so the gateway's console is a reachable TLS upstream
+    like any other."""
     from mitmproxy import certs
 
     data = base / "data"
@@ -85,7 +89,12 @@ def _gateway(base: Path, ca: TestCA) -> GatewayProcess:
     bundle.write_bytes(
         ca.pem.read_bytes() + (data / "mitmproxy" / "mitmproxy-ca-cert.pem").read_bytes()
     )
-    return GatewayProcess(data, policy_copy(base), bundle).start()
+    policies = policy_copy(base)
+    settings = policies / "gateway.yaml"
+    text = settings.read_text(encoding="utf-8")
+    assert "raw_tcp_hosts: []" in text
+    settings.write_text(text.replace("raw_tcp_hosts: []", f"raw_tcp_hosts: [{RAW_TCP_HOST}]"))
+    return GatewayProcess(data, policies, bundle).start()
 
 
 @pytest.fixture(scope="module")
@@ -848,24 +857,52 @@ def test_control_tls_http_alpn_inside_a_tunnel_arrives(gw, recorders):
     assert_arrived_whole(rec, "/c2/tls-h1", body)
 
 
-def test_twelve_mib_of_raw_bytes_through_a_tunnel(gw, recorders):
-    rec = recorders("sink")
-    total = 12 * MiB
+def stream_raw(gw, port: int, total: int, host: str = "127.0.0.1") -> int:
+    """Send ``total`` bytes of binary through a tunnel (bounded in time); what was sent."""
     block = b"\x00" + os.urandom(MiB - 1)
-    with tunnel(gw, rec.port) as sock:
+    sent = 0
+    with tunnel(gw, port, host=host) as sock:
         sock.settimeout(5)
         deadline = time.monotonic() + 30
-        sent = 0
         with contextlib.suppress(OSError):
             while sent < total and time.monotonic() < deadline:
-                sock.sendall(block)
-                sent += len(block)
-        rec.settle(quiet=0.5, timeout=10)
+                piece = block[: total - sent]
+                sock.sendall(piece)
+                sent += len(piece)
+    return sent
+
+
+def test_raw_tcp_to_a_listed_host_is_relayed_counted_and_held_to_the_caps(gw, recorders):
+    """``raw_tcp_hosts``: non-HTTP bytes to that host are relayed, counted, logged; the
+    tunnel is one upload, so the per-request cap (10 MiB) cuts it."""
+    small = recorders("sink")
+    sent = stream_raw(gw, small.port, 3 * MiB, host=RAW_TCP_HOST)
+    (row,) = rows_where(gw, lambda r: r["port"] == small.port and r["kind"] == "tunnel")
+    assert small.wait_for(lambda rec: len(rec.received_bytes()) >= 3 * MiB)
+    assert len(small.received_bytes()) == sent == 3 * MiB
+    assert (row["decision"], row["scheme"]) == ("allow", "tcp")
+    assert row["upload_bytes"] == row["forwarded_bytes"] == 3 * MiB
+    large = recorders("sink")
+    stream_raw(gw, large.port, 12 * MiB, host=RAW_TCP_HOST)
+    (row,) = rows_where(gw, lambda r: r["port"] == large.port and r["kind"] == "tunnel")
+    large.settle(quiet=0.5, timeout=10)  # the row is written when the tunnel has closed
+    arrived = len(large.received_bytes())
+    assert arrived <= 10 * MiB and arrived == row["forwarded_bytes"]
+    assert (row["decision"], row["reason_kind"], row["rule_id"]) == (
+        "block",
+        "upload_cap",
+        "uploads.per_request",
+    )
+
+
+def test_twelve_mib_of_raw_bytes_through_a_tunnel(gw, recorders):
+    rec = recorders("sink")
+    sent = stream_raw(gw, rec.port, 12 * MiB)
     f = Findings()
+    expect_tunnel_refused_row(f, gw, rec.port)  # written when the tunnel is over
     received = len(rec.received_bytes())
     f.check(received <= 10 * MiB, f"{received} of {sent} bytes arrived (cap 10 MiB)")
     f.check(received == 0, f"non-HTTP is refused by default, yet {received} bytes arrived")
-    expect_tunnel_refused_row(f, gw, rec.port)
     f.verify()
 
 

@@ -23,7 +23,7 @@ uploads:
   per_request: 2MiB
   per_user: 6MiB
   window: 1h
-  stream_above: 256KiB
+  hold_in_memory: 256KiB
   overrides:
     - id: uploads.e2e-company
       categories: [company]

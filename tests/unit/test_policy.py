@@ -235,3 +235,12 @@ def test_destinations_may_be_given_in_one_file_only(write_policy):
     d = write_policy({"a.yaml": GOOD + DESTINATIONS, "b.yaml": DESTINATIONS})
     (msg,) = problems(d)
     assert msg.startswith(f"{d / 'b.yaml'}:2: destinations: already given in {d / 'a.yaml'}:9")
+
+
+def test_the_default_policy_is_the_shipped_one():
+    """`egress-guard run` without --policies loads ./policies of the checkout (or the copy
+    packaged in the wheel)."""
+    from egress_guard.core.policy import default_policy_dir
+
+    assert default_policy_dir().resolve() == POLICIES.resolve()
+    assert load_policy(default_policy_dir()).stats["webmail"].rules > 10

@@ -85,18 +85,24 @@ def server_hook(host: str, port: int = 443):
     return server_hooks.ServerConnectionHookData(client=client, server=server)
 
 
-def test_each_connection_is_made_to_the_address_just_checked(tmp_path):
+def test_each_connection_is_made_to_the_addresses_just_checked(tmp_path):
     """DNS rebinding: the name passed at the headers, then resolves to an internal address
-    when the connection is made. The connection is judged on that answer."""
+    when the connection is made. The connection is judged on that answer, and the loop's
+    getaddrinfo gives mitmproxy exactly the answer that was judged."""
     rt = FakeRuntime(tmp_path)
     guard = EgressGuard(rt)
-    rt.destinations.resolve, _ = resolving_to("93.184.216.34")
+    rt.destinations.resolve, _ = resolving_to("93.184.216.34", "2606:2800:220:1::1")
+
+    async def connect_then_resolve(data):
+        loop = asyncio.get_running_loop()
+        rt.destinations.pin(loop)
+        await guard.server_connect(data)
+        return await loop.getaddrinfo("rebind.example", 443)
+
     ok = server_hook("rebind.example")
-    asyncio.run(guard.server_connect(ok))
-    assert ok.server.error is None and ok.server.address == ("93.184.216.34", 443)
-    guard.server_connect_error(ok)  # (or server_connected): the name comes back
-    assert ok.server.address == ("rebind.example", 443)
-    rt.destinations._cache.clear()
+    infos = asyncio.run(connect_then_resolve(ok))
+    assert ok.server.error is None and ok.server.address == ("rebind.example", 443)
+    assert [info[4][0] for info in infos] == ["93.184.216.34", "2606:2800:220:1::1"]
     rt.destinations.resolve, _ = resolving_to("127.0.0.1")
     rebound = server_hook("rebind.example")
     asyncio.run(guard.server_connect(rebound))

@@ -25,7 +25,7 @@ uploads:
   per_request: 10MiB
   per_user: 20MiB
   window: 24h
-  stream_above: 1MiB
+  hold_in_memory: 1MiB
   overrides:
     - {id: uploads.company, categories: [company], per_request: unlimited, per_user: unlimited}
     - {id: uploads.design, groups: [design], per_request: 100MiB}

@@ -40,11 +40,11 @@ RETENTION_MIN_MONTHS = 6
 
 def default_policy_dir() -> Path:
     """The packaged policy: inside the wheel, or ./policies of a source checkout."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "default_policies"
+    package = Path(__file__).resolve().parent.parent  # egress_guard/
+    packaged = package / "default_policies"
     if packaged.is_dir():
         return packaged
-    return here.parent.parent / "policies"
+    return package.parent.parent / "policies"
 
 
 # --- the file schema -------------------------------------------------------------------------
@@ -190,8 +190,19 @@ class UploadSpec(_Strict):
     per_request: Limit = 10 * 1024 * 1024
     per_user: Limit = 200 * 1024 * 1024
     window: Window = 24 * 3600.0
-    stream_above: Size = 1024 * 1024
+    hold_in_memory: Size = 1024 * 1024
     overrides: list[UploadOverrideSpec] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stream_above" in data:
+            raise ValueError(
+                "stream_above was renamed hold_in_memory: bodies are no longer streamed past "
+                "the scanner, they are held until their verdict (in memory up to this size, "
+                "then in a private temporary file)"
+            )
+        return data
 
 
 ScanAction = Literal["log", "alert", "block"]
@@ -584,7 +595,7 @@ def _compile_uploads(spec: UploadSpec) -> UploadRules:
         )
         for o in spec.overrides
     )
-    return UploadRules(spec.per_request, spec.per_user, spec.window, spec.stream_above, overrides)
+    return UploadRules(spec.per_request, spec.per_user, spec.window, spec.hold_in_memory, overrides)
 
 
 def _compile_markers(spec: MarkersSpec) -> MarkerPolicy:

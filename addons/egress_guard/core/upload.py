@@ -33,7 +33,7 @@ class UploadRules:
     per_request: int | None = 10 * MiB
     per_user: int | None = 200 * MiB
     window_seconds: float = 24 * 3600
-    stream_above: int = 1 * MiB
+    hold_in_memory: int = 1 * MiB
     overrides: tuple[UploadOverride, ...] = ()
 
 

@@ -86,12 +86,6 @@ class EgressGuard:
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None]:
         return self.blocklist.server_connect(data)
 
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.blocklist.server_connected(data)
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.blocklist.server_connect_error(data)
-
     def tls_failed_client(self, data: tls.TlsData) -> None:
         self.audit.tls_failed_client(data)
 

@@ -158,6 +158,7 @@ class Gateway:
             if v
         ]
         self.destinations.listening(own)
+        self.destinations.pin(asyncio.get_running_loop())
         if self.config.metrics:
             host, port = parse_listen(self.config.metrics, "--metrics")
             self._servers.append(metrics.serve(host, port))
@@ -262,7 +263,7 @@ class Gateway:
         self.windows.window_seconds = policy.uploads.window_seconds
         self._hold = HoldSpec(
             self.config.data_dir / "held",
-            memory_bytes=policy.uploads.stream_above,
+            memory_bytes=policy.uploads.hold_in_memory,
             max_bytes=policy.markers.limits.max_body,
         )
         metrics.POLICY_RULES.clear()

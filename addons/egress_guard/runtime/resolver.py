@@ -5,9 +5,11 @@ addresses only when the policy lists them). Here: resolving names (with a short 
 decision per request costs a dictionary lookup), the gateway's own listening sockets, and the
 host's interface addresses (a listener on 0.0.0.0 owns its port on each of them).
 
-A request is judged on the name as it arrives, and its connection on the address it is made
-to: ``Blocklist.server_connect`` pins the connection to an address it has just checked, so a
-name that resolves somewhere else a moment later (DNS rebinding) changes nothing.
+A request is judged on the name as it arrives, and its connection on the addresses it is made
+to: ``Blocklist.server_connect`` resolves the name and checks every answer, and the event
+loop's ``getaddrinfo`` (``pin``) hands mitmproxy exactly those answers when it connects a
+moment later — so a name that resolves somewhere else by then (DNS rebinding) reaches
+nothing new, and the connection still falls back from one checked address to the next.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from egress_guard.core.destinations import (
     DestinationRules,
@@ -47,6 +50,25 @@ def interface_addresses() -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def addrinfo(addresses: Iterable[str], port: int, family: int = 0) -> list[Any]:
+    """``getaddrinfo``'s answer for these addresses (TCP), in their order."""
+    infos: list[Any] = []
+    for address in addresses:
+        if ":" in address:
+            entry = (
+                socket.AF_INET6,
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+                "",
+                (address, port, 0, 0),
+            )
+        else:
+            entry = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+        if family in (0, entry[0]):
+            infos.append(entry)
+    return infos
+
+
 async def getaddrinfo(host: str, port: int) -> tuple[str, ...]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
@@ -63,6 +85,23 @@ class Destinations:
         self.resolve = resolve
         self.own = OwnSockets()
         self._cache: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
+
+    def pin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` resolve a name the gateway has checked to the addresses it checked
+        (mitmproxy connects by name); other names resolve as before."""
+        original = loop.getaddrinfo
+
+        async def checked_getaddrinfo(
+            host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+        ) -> list[Any]:
+            answer = self._cache.get((normalize_host(str(host)), int(port or 0)))
+            if answer is None or answer[0] < self.clock():
+                return await original(
+                    host, port, family=family, type=type, proto=proto, flags=flags
+                )
+            return addrinfo(answer[1], int(port), family)
+
+        loop.getaddrinfo = checked_getaddrinfo  # type: ignore[method-assign]
 
     def listening(self, listeners: Iterable[tuple[str, int]]) -> None:
         """The gateway's own sockets (proxy, console, metrics), once they are bound."""

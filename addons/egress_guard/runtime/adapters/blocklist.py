@@ -21,7 +21,6 @@ from egress_guard.core.decision import (
     is_passthrough,
     needs_interception,
 )
-from egress_guard.core.hosts import is_ip_literal
 
 from .. import bodygate
 from ..flows import (
@@ -45,7 +44,6 @@ class Blocklist:
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self._pinned: dict[str, tuple[str, int]] = {}  # server id → the name it was opened for
 
     def _reachable(self, flow: http.HTTPFlow, host: str, port: int) -> Awaitable[None] | None:
         """Refuse a destination the gateway never forwards to: now when the answer is known
@@ -196,9 +194,9 @@ class Blocklist:
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """The last line, on every upstream connection: the blocklists for its address and
-        SNI, and the addresses its name resolves to, now. The connection is made to the
-        address just checked (pinned), so a name that resolves elsewhere a moment later
-        (DNS rebinding) reaches nothing it should not."""
+        SNI, and the addresses its name resolves to, now. mitmproxy then connects to exactly
+        the addresses just checked (``resolver``), so a name that resolves elsewhere a moment
+        later (DNS rebinding) reaches nothing it should not."""
         server = data.server
         if not server.address or server.via is not None:  # a parent proxy resolves itself
             return
@@ -207,26 +205,9 @@ class Blocklist:
         if decision.verdict == "block":
             server.error = f"egress-guard: {host} is blocked by rule {decision.rule_id}"
             return
-        refusal, addresses = await self.rt.destinations.check(
-            host, port, self.rt.policy.destinations
-        )
+        refusal, _ = await self.rt.destinations.check(host, port, self.rt.policy.destinations)
         if refusal is not None:
             server.error = (
                 f"egress-guard: {host} ({refusal.address}) may not be reached through the "
                 f"gateway (rule {refusal.rule_id})"
             )
-        elif addresses and not is_ip_literal(host):
-            self._pinned[server.id] = (host, port)
-            server.address = (addresses[0], port)
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """Connected to the pinned address: give the connection its name back, so mitmproxy
-        reuses it for the next request to that name (it matches connections by address; the
-        peer address stays the one connected to). mitmproxy refuses to change the address of
-        an open connection, to keep addons from believing they can move it; this only renames
-        it, hence the direct set."""
-        if (name := self._pinned.pop(data.server.id, None)) is not None:
-            object.__setattr__(data.server, "address", name)
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.server_connected(data)

@@ -13,7 +13,7 @@ from egress_guard.core.hosts import normalize_host
 from egress_guard.core.upload import CapHit, Limits, UploadGate, check, limits_for
 
 from .. import bodygate
-from ..flows import STATE, FlowState, cap_response, window_key
+from ..flows import PASSTHROUGH, STATE, FlowState, cap_response, window_key
 from ..heldbody import HeldBody
 
 if TYPE_CHECKING:
@@ -102,14 +102,16 @@ class Uploads:
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         state: FlowState = flow.metadata[STATE]
+        if state.decision.verdict == "block":
+            return  # refused before it opens (blocklist): nothing to count
         host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
         state.limits = limits = self._limits(state, host)
-        # A tunnel is many requests: only the user's window applies to it, not the
-        # per-request cap.
-        tunnel_limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
-        state.gate = UploadGate(
-            tunnel_limits, self.rt.windows, window_key(state.who, flow.client_conn)
-        )
+        if flow.metadata.get(PASSTHROUGH):
+            # A pinned app's TLS session is many requests: only the user's window applies,
+            # not the per-request cap.
+            limits = Limits(None, limits.per_user, limits.window_seconds, "", limits.per_user_id)
+        # Non-HTTP bytes to a raw-TCP host are one upload, held to both caps.
+        state.gate = UploadGate(limits, self.rt.windows, window_key(state.who, flow.client_conn))
         bodygate.add_gate(flow, CapGate(state.gate, self._tunnel_refused(state)))
 
     @staticmethod
