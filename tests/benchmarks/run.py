@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "e2e")]
 
 from bench_scan import bench_decoders, bench_matching, form_body  # noqa: E402
-from bench_upload import SinkServer, upload  # noqa: E402
+from bench_upload import SinkServer, bench_held, held_table, upload  # noqa: E402
 
 from harness import GatewayProcess, Upstream, start_mitmdump  # noqa: E402
 from support import POLICIES  # noqa: E402
@@ -44,6 +44,7 @@ class Mode:
     rounds: int  # A/B pairs per proxy measurement
     requests: int  # requests per round
     upload_mb: int
+    held_mib: tuple[int, ...]  # held text/docx/zip uploads of these sizes
     text_mb: int
     rows: int
     rules: tuple[int, ...]
@@ -51,9 +52,9 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 3, 400, 100, 20, 300_000, (10, 1_000, 100_000), 900),
-    "quick": Mode("quick", 2, 120, 32, 4, 60_000, (10, 1_000, 100_000), 110),
-    "smoke": Mode("smoke", 1, 10, 2, 1, 2_000, (10, 1_000), 60),
+    "full": Mode("full", 3, 400, 100, (1, 32, 100), 20, 300_000, (10, 1_000, 100_000), 900),
+    "quick": Mode("quick", 2, 120, 32, (1, 32), 4, 60_000, (10, 1_000, 100_000), 110),
+    "smoke": Mode("smoke", 1, 10, 2, (1,), 1, 2_000, (10, 1_000), 60),
 }
 
 
@@ -440,6 +441,14 @@ def markdown(results: dict) -> str:
                     f"{(r['gateway']['rss_peak_kib'] - r['gateway']['rss_start_kib']) / 1024:.0f}"
                     " MiB."
                 )
+    held = results.get("held_uploads")
+    if held:
+        lines += [
+            "",
+            "## Held uploads (text, docx, zip): held until scanned, then forwarded",
+            "",
+            *held_table(held),
+        ]
     lk = results.get("lookup")
     if lk:
         lines += [
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     try:
         results["proxies"] = bench_proxies(mode, tmp, deadline)
+        results["held_uploads"] = bench_held(list(mode.held_mib), tmp)
         results["lookup"] = bench_lookup(mode.rules, 20_000 if mode.name != "smoke" else 1_000)
         results["scanning"] = {
             "matching": bench_matching(mode.text_mb * 1_000_000, 2 if mode.name != "full" else 5),

@@ -33,14 +33,15 @@ written against mitmproxy ``PINNED_MITMPROXY``; ``install`` refuses to patch ano
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import wsproto.events
 from mitmproxy import flow as mflow
 from mitmproxy import http, tcp
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.net.http import status_codes
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, mode_servers
 from mitmproxy.proxy.layers import tcp as tcp_layer
 from mitmproxy.proxy.layers import websocket as ws_layer
 from mitmproxy.proxy.layers.http import (
@@ -74,7 +75,12 @@ _STREAMED = "egress_guard.streamed"  # the body outgrew its hold and streams pas
 _FORWARDED = "egress_guard.forwarded"
 _RECEIVED = "egress_guard.received"
 _WS_CUT = "egress_guard.ws_cut"
+_DISCARDED = "egress_guard.discarded"
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+# After an early refusal over HTTP/1, the rest of the body is read and dropped up to this much
+# (so the client, still sending, reads the refusal rather than a reset), then the connection
+# is closed: a client that goes on sending for gigabytes costs nothing.
+DISCARD_LIMIT = 1 << 20
 
 
 class Gate(Protocol):
@@ -171,6 +177,30 @@ def _feed(gates: list[Gate], data: bytes) -> http.Response | None:
 
 # --- the patch -------------------------------------------------------------------------------
 
+
+@dataclass
+class DrainHook(commands.StartHook):
+    """Between the pieces of a held body being forwarded: wait until the connection's write
+    buffers have drained (answered by the connection handler itself, see ``install``). Without
+    it, forwarding a held body would queue all of it in memory at once; mitmproxy drains its
+    writers only after reading from a socket, and a held body is sent after the last read."""
+
+    flow: http.HTTPFlow
+    name: ClassVar[str] = "egress_drain"
+
+
+DRAIN_EVERY = 4  # pieces of CHUNK (256 KiB): at most about 1 MiB queued per held body
+
+_original_handle_hook = mode_servers.ProxyConnectionHandler.handle_hook
+
+
+async def _handle_hook(self: mode_servers.ProxyConnectionHandler, hook: commands.StartHook) -> None:
+    if isinstance(hook, DrainHook):
+        await self.drain_writers()
+        return
+    await _original_handle_hook(self, hook)
+
+
 _original_start_request_stream = HttpStream.start_request_stream
 _original_state_stream_request_body = HttpStream.state_stream_request_body
 
@@ -238,9 +268,11 @@ def _send_request_head(self: HttpStream) -> layer.CommandGenerator[bool]:
 
 def _send_held(self: HttpStream) -> layer.CommandGenerator[None]:
     held: HeldBody = self.flow.metadata[_HELD]
-    for chunk in held.chunks():
+    for i, chunk in enumerate(held.chunks(), 1):
         self.flow.metadata[_FORWARDED] += len(chunk)
         yield SendHttp(RequestData(self.stream_id, chunk), self.context.server)
+        if i % DRAIN_EVERY == 0:
+            yield DrainHook(self.flow)
     release(self.flow)
 
 
@@ -362,6 +394,13 @@ def _state_discard_request_body(
 ) -> layer.CommandGenerator[None]:
     if isinstance(event, RequestEndOfMessage):
         self.client_state = self.state_done
+    elif isinstance(event, RequestData) and self.flow.request.http_version.startswith("HTTP/1"):
+        discarded = self.flow.metadata[_DISCARDED] = (
+            self.flow.metadata.get(_DISCARDED, 0) + len(event.data)
+        )
+        if discarded > DISCARD_LIMIT:
+            self.client_state = self.state_done
+            yield commands.CloseConnection(self.context.client)
     yield from ()
 
 
@@ -419,6 +458,7 @@ def install() -> None:
             f"its HTTP state machine; this is mitmproxy {mitmproxy_version.VERSION}. Install "
             f"mitmproxy=={PINNED_MITMPROXY} (pip install 'mitmproxy=={PINNED_MITMPROXY}')."
         )
+    mode_servers.ProxyConnectionHandler.handle_hook = _handle_hook  # type: ignore[method-assign]
     HttpStream.start_request_stream = _start_request_stream  # type: ignore[method-assign]
     HttpStream.state_stream_request_body = _state_stream_request_body  # type: ignore[method-assign]
     HttpStream.state_hold_request_body = _state_hold_request_body  # type: ignore[attr-defined]
