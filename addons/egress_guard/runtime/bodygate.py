@@ -395,8 +395,8 @@ def _state_discard_request_body(
     if isinstance(event, RequestEndOfMessage):
         self.client_state = self.state_done
     elif isinstance(event, RequestData) and self.flow.request.http_version.startswith("HTTP/1"):
-        discarded = self.flow.metadata[_DISCARDED] = (
-            self.flow.metadata.get(_DISCARDED, 0) + len(event.data)
+        discarded = self.flow.metadata[_DISCARDED] = self.flow.metadata.get(_DISCARDED, 0) + len(
+            event.data
         )
         if discarded > DISCARD_LIMIT:
             self.client_state = self.state_done

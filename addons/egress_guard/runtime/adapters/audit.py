@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from . import Runtime
 
 
+def path_and_query(target: str) -> dict[str, str]:
+    """The row's path and query columns from a request target, each bounded."""
+    path, _, query = target.partition("?")
+    return {"path": bounded(path, "path"), "query": bounded(query, "query")}
+
+
 class Audit:
     """One row per CONNECT, request, WebSocket and failed or passed-through tunnel."""
 
@@ -64,8 +70,7 @@ class Audit:
             scheme=req.scheme,
             host=normalize_host(req.host),
             port=req.port,
-            path=bounded(req.path.split("?", 1)[0], "path"),
-            query=bounded(req.path.partition("?")[2], "query"),
+            **path_and_query(req.path),
             http_version=req.http_version,
             kind=kind,
             status=resp.status_code if resp else (502 if error else 0),
@@ -259,8 +264,7 @@ class Audit:
                 scheme=data.scheme,
                 host=normalize_host(data.host),
                 port=data.port,
-                path=bounded(data.path.split("?", 1)[0], "path"),
-                query=bounded(data.path.partition("?")[2], "query"),
+                **path_and_query(data.path),
                 http_version=data.http_version,
                 kind="http",
                 status=data.status,

@@ -36,6 +36,22 @@ if TYPE_CHECKING:
     from . import Runtime
 
 
+def _inside_tunnel(nextlayer: layers.NextLayer, chosen: type) -> int | None:
+    """Where in the layer stack the inside of a CONNECT tunnel starts, when nothing is chosen
+    for it yet or mitmproxy's next-layer addon has just chosen ``chosen`` (a layer adds itself
+    to the stack when it is made, so it is there already); None otherwise."""
+    stack, proposed = nextlayer.context.layers, nextlayer.layer
+    if proposed is None:
+        base = len(stack)
+    elif isinstance(proposed, chosen) and proposed in stack:
+        base = stack.index(proposed)
+    else:
+        return None
+    if not base or not isinstance(stack[base - 1], layers.http.HttpStream):
+        return None
+    return base
+
+
 class Blocklist:
     """Where a request may go: the blocklists, and the places the gateway never forwards to
     (its own sockets, internal addresses, a request target that disagrees with its tunnel).
@@ -100,17 +116,8 @@ class Blocklist:
         if not self.rt.policy.passthrough.rule_count:
             return
         context = nextlayer.context
-        stack = context.layers
-        proposed = nextlayer.layer
-        if proposed is None:
-            base = len(stack)
-        elif isinstance(proposed, layers.ServerTLSLayer) and proposed in stack:
-            base = stack.index(proposed)
-        else:
-            return
-        if not base or not isinstance(stack[base - 1], layers.http.HttpStream):
-            return  # only the inside of a CONNECT tunnel
-        if not context.server.address:
+        base = _inside_tunnel(nextlayer, layers.ServerTLSLayer)
+        if base is None or not context.server.address:
             return
         try:
             client_hello = parse_client_hello(nextlayer.data_client())
@@ -124,7 +131,7 @@ class Blocklist:
             return
         if needs_interception(hosts, policy) or not any(is_passthrough(h, policy) for h in hosts):
             return
-        del stack[base:]  # drop the TLS layers mitmproxy had stacked for interception
+        del context.layers[base:]  # drop the TLS layers mitmproxy stacked for interception
         relay = layers.TCPLayer(context)
         assert relay.flow is not None
         relay.flow.metadata[PASSTHROUGH] = True
@@ -140,17 +147,10 @@ class Blocklist:
         address = context.server.address
         if address is None or address[1] not in (53, 5353):
             return
-        stack, proposed = context.layers, nextlayer.layer
-        if proposed is None:
-            base = len(stack)
-        elif isinstance(proposed, layers.DNSLayer) and proposed in stack:
-            base = stack.index(proposed)
-        else:
-            return
-        if not base or not isinstance(stack[base - 1], layers.http.HttpStream):
-            return  # only the inside of a CONNECT tunnel
-        del stack[base:]  # a layer adds itself to the stack when it is made
-        nextlayer.layer = layers.TCPLayer(context)
+        base = _inside_tunnel(nextlayer, layers.DNSLayer)
+        if base is not None:
+            del context.layers[base:]
+            nextlayer.layer = layers.TCPLayer(context)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """Raw TCP inside a tunnel that is not a pass-through: mitmproxy found no HTTP in it (a
