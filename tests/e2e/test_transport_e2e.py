@@ -1234,11 +1234,6 @@ def ws_frames(rec: Recorder) -> str:
     return str([(fr.kind, fr.data, fr.code) for fr in rec.frames])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WebSocket: ping, pong and close payloads are relayed without a scan (only data "
-    "messages reach the websocket_message hook); the marker reaches the upstream",
-)
 @pytest.mark.parametrize("kind", ["ping", "pong", "close"])
 def test_websocket_control_frame_payload_with_marker(gw, recorders, kind):
     from wsproto.events import CloseConnection, Ping, Pong

@@ -123,6 +123,9 @@ class EgressGuard:
 
     # --- WebSocket ---
 
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self.markers.websocket_start(flow)
+
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         self.uploads.websocket_message(flow)
         scanning = self.markers.websocket_message(flow)

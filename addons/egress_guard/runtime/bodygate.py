@@ -23,8 +23,11 @@ Adapters use:
 - ``add_gate(flow, gate, hold)``: the body is held and each chunk shown to ``gate.feed``;
 - ``held_body(flow)``: the held body, for the verdict in ``request``;
 - ``forwarded_bytes(flow)`` and ``release(flow)`` (the flow's end: the held file is deleted);
-- ``cut_websocket(flow, message)`` from ``websocket_message``: the message is dropped and the
-  WebSocket closed on both sides (1009 to the client).
+- ``cut_websocket(flow, message, code)`` from ``websocket_message``: the message is dropped and
+  the WebSocket closed on both sides (1009 for a size, 1008 for a policy refusal);
+- ``watch_control_frames(flow, refuses)`` from ``websocket_start``: each ping, pong and close
+  reason from the client is shown to ``refuses`` before it is relayed; a refusal drops it and
+  cuts the WebSocket.
 
 This is the one module that reaches into mitmproxy's HTTP state machine (``HttpStream``). It was
 written against mitmproxy ``PINNED_MITMPROXY``; ``install`` refuses to patch another version.
@@ -33,6 +36,7 @@ written against mitmproxy ``PINNED_MITMPROXY``; ``install`` refuses to patch ano
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -162,9 +166,18 @@ def release(flow: http.HTTPFlow) -> None:
         held.release()
 
 
-def cut_websocket(flow: http.HTTPFlow, message: object) -> None:
+WS_TOO_BIG = 1009
+WS_POLICY_VIOLATION = 1008
+_WS_WATCH = "egress_guard.ws_control_watch"
+
+
+def cut_websocket(flow: http.HTTPFlow, message: object, code: int = WS_TOO_BIG) -> None:
     message.drop()  # type: ignore[attr-defined]
-    flow.metadata[_WS_CUT] = True
+    flow.metadata[_WS_CUT] = code
+
+
+def watch_control_frames(flow: http.HTTPFlow, refuses: Callable[[bytes], bool]) -> None:
+    flow.metadata[_WS_WATCH] = refuses
 
 
 def _feed(gates: list[Gate], data: bytes) -> http.Response | None:
@@ -428,21 +441,55 @@ def _tcp_relay(self: tcp_layer.TCPLayer, event: events.Event) -> layer.CommandGe
 
 
 _original_ws_relay = ws_layer.WebsocketLayer.relay_messages
+_CUT_REASONS = {
+    WS_TOO_BIG: "egress-guard: upload limit",
+    WS_POLICY_VIOLATION: "egress-guard: refused",
+}
+
+
+def _watched_events(self: ws_layer.WebsocketLayer, refuses: Callable[[bytes], bool]) -> None:
+    """The client side's wsproto events, with its control frames judged first. mitmproxy
+    relays pings, pongs and closes straight from these events (and logs ping payloads), so
+    this is where they can be held back: a refused one is dropped, never relayed or logged."""
+    original = self.client_ws.events
+    flow = self.flow
+
+    def events_() -> Iterator[wsproto.events.Event]:
+        for event in original():
+            if isinstance(event, wsproto.events.Ping | wsproto.events.Pong) and refuses(
+                bytes(event.payload)
+            ):
+                flow.metadata[_WS_CUT] = WS_POLICY_VIOLATION
+                continue
+            if (
+                isinstance(event, wsproto.events.CloseConnection)
+                and event.reason
+                and refuses(event.reason.encode("utf-8", "surrogatepass"))
+            ):
+                event = wsproto.events.CloseConnection(WS_POLICY_VIOLATION, "")  # no reason out
+            yield event
+
+    self.client_ws.events = events_  # type: ignore[method-assign]
 
 
 @expect(events.DataReceived, events.ConnectionClosed, ws_layer.WebSocketMessageInjected)
 def _ws_relay(self: ws_layer.WebsocketLayer, event: events.Event) -> layer.CommandGenerator[None]:
+    refuses = self.flow.metadata.pop(_WS_WATCH, None)
+    if refuses is not None:
+        _watched_events(self, refuses)
     yield from _original_ws_relay(self, event)
-    if self.flow.metadata.pop(_WS_CUT, None) and self._handle_event != self.done:
+    code = self.flow.metadata.pop(_WS_CUT, None)
+    if code and self._handle_event != self.done:
         websocket = self.flow.websocket
         assert websocket is not None
-        for ws, code in ((self.client_ws, 1009), (self.server_ws, 1008)):
+        reason = _CUT_REASONS[code]
+        for ws, sent in ((self.client_ws, code), (self.server_ws, WS_POLICY_VIOLATION)):
             if ws.state in (wsproto.ConnectionState.OPEN, wsproto.ConnectionState.REMOTE_CLOSING):
-                yield ws.send2(wsproto.events.CloseConnection(code, "egress-guard: upload limit"))
+                yield ws.send2(wsproto.events.CloseConnection(sent, reason))
             yield commands.CloseConnection(ws.conn)
         websocket.timestamp_end = time.time()
         websocket.closed_by_client = False
-        websocket.close_code, websocket.close_reason = 1009, "egress-guard: upload limit"
+        websocket.close_code, websocket.close_reason = code, reason
         yield ws_layer.WebsocketEndHook(self.flow)
         self.flow.live = False
         self._handle_event = self.done

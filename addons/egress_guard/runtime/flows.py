@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from mitmproxy import connection, http
 
 from egress_guard.core import blockpage
+from egress_guard.core.channels import HeadScan
 from egress_guard.core.decision import Decision
 from egress_guard.core.hosts import normalize_host, split_host_port
 from egress_guard.core.identity import Who
@@ -39,6 +40,7 @@ class FlowState:
     ws_forwarded: int = 0  # of ws_sent, what the upstream got (a cut message is dropped)
     ws_received: int = 0
     ws_cut: bool = False
+    head: HeadScan | None = None  # what the request head (target, headers) was found to carry
 
 
 # --- flow helpers ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from egress_guard import metrics
 from egress_guard.core.decision import ALLOW
 from egress_guard.core.hosts import normalize_host
 from egress_guard.core.identity import Who, identify
+from egress_guard.core.scan import TooManyCandidates
 from egress_guard.requestlog.auditlog import RequestRow, bounded, utc_from_timestamp
 
 from .. import bodygate
@@ -30,6 +31,16 @@ from ..flows import (
 if TYPE_CHECKING:
     from ..protocol_errors import ProtocolErrorData
     from . import Runtime
+
+
+REDACTABLE = ("path", "query", "user_agent", "content_type", "error")
+REDACTED = "[redacted: carries a secret marking]"
+HEAD_COLUMNS = {
+    "path": "path",
+    "query": "query",
+    "header:user-agent": "user_agent",
+    "header:content-type": "content_type",
+}
 
 
 def path_and_query(target: str) -> dict[str, str]:
@@ -60,7 +71,7 @@ class Audit:
         error = flow.error.msg if flow.error else ""
         if decision.scan and decision.scan.unscannable:
             error = f"unscannable: {decision.scan.unscannable}" + (f"; {error}" if error else "")
-        return RequestRow(
+        row = RequestRow(
             ts=utc_from_timestamp(req.timestamp_start),
             request_id=flow.id,
             client_ip=client_ip(flow.client_conn),
@@ -94,6 +105,31 @@ class Audit:
             else 0,
             forwarded_bytes=forwarded or 0,
         )
+        if state is not None and state.head is not None:
+            for channel in state.head.found:  # found encoded, so the raw text may not show it
+                if column := HEAD_COLUMNS.get(channel):
+                    setattr(row, column, REDACTED)
+        return row
+
+    def _record(self, row: RequestRow) -> Future[None] | None:
+        return self.rt.record(self._redact(row))
+
+    def _redact(self, row: RequestRow) -> RequestRow:
+        """The log keeps no text a marker matched: a free-text column that carries one (a
+        marked query string, a path, a header, a file name in an error) is stored redacted.
+        One pass over them all; a column at a time only when there is something."""
+        markers = self.rt.policy.markers.markers
+        texts = [getattr(row, name) for name in REDACTABLE]
+        try:
+            if not markers.markers or not markers.find("\n".join(texts)):
+                return row
+            hits = [markers.find(text) for text in texts]
+        except TooManyCandidates:
+            hits = [{0}] * len(texts)  # built to stall the scanner: keep none of it
+        for name, found in zip(REDACTABLE, hits, strict=True):
+            if found:
+                setattr(row, name, REDACTED)
+        return row
 
     def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> Future[None] | None:
         bodygate.release(flow)  # the flow is over: a held body's file goes
@@ -102,7 +138,7 @@ class Audit:
             return None
         if state is not None:
             state.logged = True
-        return self.rt.record(self._http_row(flow, state, kind))
+        return self._record(self._http_row(flow, state, kind))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Fail closed: when the log cannot keep rows, nothing passes unlogged."""
@@ -117,7 +153,7 @@ class Audit:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         row = self._http_row(flow, flow.metadata.get(STATE), "connect")
         row.status = flow.response.status_code if flow.response else 200  # 407 from proxyauth
-        self.rt.record(row)
+        self._record(row)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         durable = self._finish(flow)
@@ -160,9 +196,10 @@ class Audit:
         row.declared_bytes = 0
         row.window_bytes = state.window_bytes if state else 0
         row.request_id = f"{flow.id}/ws"
-        if flow.websocket and flow.websocket.close_code == 1009 and not row.error:
-            row.error = "WebSocket closed by egress-guard: upload limit"
-        self.rt.record(row)
+        reason = (flow.websocket.close_reason or "") if flow.websocket else ""
+        if reason.startswith("egress-guard:") and not row.error:
+            row.error = f"WebSocket closed by {reason}"  # our reason only: a client's may be text
+        self._record(row)
 
     def _tunnel_row(
         self,
@@ -227,7 +264,7 @@ class Audit:
             "tls" if flow.metadata.get(PASSTHROUGH) else "tcp",
         )
         row.response_bytes = state.ws_received
-        self.rt.record(row)
+        self._record(row)
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
         self._tcp_done(flow)
@@ -238,7 +275,7 @@ class Audit:
     def tls_failed_client(self, data: tls.TlsData) -> None:
         client = data.context.client
         reason = client.error or "client TLS handshake failed"
-        self.rt.record(
+        self._record(
             self._tunnel_row(
                 client,
                 data.context.server,
@@ -253,7 +290,7 @@ class Audit:
         client = data.client
         state = self.rt.tunnels.get(client.id)
         who = state.who if state else identify(client_ip(client), None, self.rt.policy)
-        self.rt.record(
+        self._record(
             RequestRow(
                 ts=utc_from_timestamp(data.timestamp),
                 request_id=str(uuid.uuid4()),

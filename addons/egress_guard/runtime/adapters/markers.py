@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http, websocket
 
 from egress_guard import metrics
+from egress_guard.core.channels import head_findings
 from egress_guard.core.decode import looks_binary
 from egress_guard.core.hosts import normalize_host
 from egress_guard.core.scan import MarkerPolicy, ScanResult, StreamScanner, Verdict
@@ -112,11 +113,13 @@ class Markers:
     def apply(
         self, flow: http.HTTPFlow, state: FlowState, verdict: Verdict
     ) -> http.Response | None:
-        """Record the verdict on the flow (and in the metrics); the block page when it
-        blocks."""
+        """Record the verdict on the flow (and in the metrics, each hit once per flow); the
+        block page when it blocks."""
         category = state.decision.category
+        counted = {h.marker_id for h in state.decision.scan.hits} if state.decision.scan else set()
         for hit in verdict.hits:
-            metrics.MARKER_MATCHES.labels(hit.level, category).inc()
+            if hit.marker_id not in counted:
+                metrics.MARKER_MATCHES.labels(hit.level, category).inc()
         metrics.SCAN_VERDICTS.labels(verdict.action or "clean").inc()
         if verdict.action in ("", "log") and not verdict.hits:
             return None
@@ -133,23 +136,57 @@ class Markers:
         return None
 
     def _judge(self, flow: http.HTTPFlow, state: FlowState, result: ScanResult) -> None:
-        """The verdict on the body's scan and on its trailers (held with it, sent after it)."""
+        """The verdict on the body's scan, its trailers (held with it, sent after it) and its
+        head (an alert there is kept; a block there never got this far)."""
         found = result.found
+        unscannable = result.unscannable
+        if state.head is not None:
+            found = found | state.head.markers
+            unscannable = unscannable or state.head.unscannable
         if flow.request.trailers:
             trailers = flow.request.trailers.items(multi=True)
             fields = "\n".join(f"{name}: {value}" for name, value in trailers)
             found = found | self.rt.policy.markers.markers.find(fields)
-        verdict = self.verdict(flow, state, self.rt.policy.markers, found, result.unscannable)
+        verdict = self.verdict(flow, state, self.rt.policy.markers, found, unscannable)
         refusal = self.apply(flow, state, verdict)
         if refusal is not None:
             flow.response = refusal  # bodygate answers it; nothing of the body has left
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or bodygate.declared_length(flow.request) == 0:
-            return  # refused already, or no body
+        """The head first (path, query, headers, cookies: refused here, before any upstream
+        contact, when they carry a blocking marking), then the body is held for its scan."""
         found = self._policy(flow)
-        if found is not None:
-            bodygate.add_gate(flow, ScanGate(self, flow, found[0]), self.rt.hold)
+        if flow.response is not None or found is None:
+            return  # refused already, or nothing to scan for
+        state, policy = found
+        req = flow.request
+        head = state.head = head_findings(policy.markers, req.path, req.headers.items(multi=True))
+        if head.found or head.unscannable:
+            verdict = self.verdict(flow, state, policy, head.markers, head.unscannable)
+            refusal = self.apply(flow, state, verdict)
+            if refusal is not None:
+                bodygate.refuse_at_headers(flow, refusal)
+                return
+        if bodygate.declared_length(req) != 0:
+            bodygate.add_gate(flow, ScanGate(self, flow, state), self.rt.hold)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        """Control frames (ping, pong, a close reason) carry up to 125 bytes each way, past the
+        message hook: the client's are judged before they are relayed."""
+        found = self._policy(flow)
+        if found is None:
+            return
+        state, policy = found
+
+        def refuses(payload: bytes) -> bool:
+            text = payload.decode("utf-8", "replace")
+            verdict = self.verdict(flow, state, policy, policy.markers.find(text))
+            if self.apply(flow, state, verdict) is None:
+                return False
+            state.ws_cut = True
+            return True
+
+        bodygate.watch_control_frames(flow, refuses)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The body is complete and none of it forwarded (or, past its hold, streamed): its
@@ -205,4 +242,4 @@ class Markers:
         verdict = self.verdict(flow, state, policy, result.found, result.unscannable)
         if self.apply(flow, state, verdict) is not None:
             state.ws_cut = True
-            bodygate.cut_websocket(flow, message)
+            bodygate.cut_websocket(flow, message, bodygate.WS_POLICY_VIOLATION)
