@@ -259,7 +259,10 @@ def _start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
 
 
 def _send_request_head(self: HttpStream) -> layer.CommandGenerator[bool]:
-    """Connect upstream and send the request headers (the body follows)."""
+    """Connect upstream and send the request headers (the body follows). Copied from
+    mitmproxy 11.0.2's ``HttpStream.start_request_stream`` (layers/http/__init__.py, the
+    make_server_connection + RequestHeaders lines), because that one also switches the state
+    to streaming; plus the HTTP/2-to-HTTP/1 framing below."""
     ok = yield from self.make_server_connection()
     if not ok:
         release(self.flow)
@@ -317,7 +320,11 @@ def _state_hold_request_body(
     elif isinstance(event, RequestTrailers):
         self.flow.request.trailers = event.trailers  # sent after the body, once judged
     else:
-        # The whole body is here and nothing of it has left: the verdict, in `request`.
+        # The whole body is here and nothing of it has left: the verdict, in `request`. What
+        # follows mirrors mitmproxy 11.0.2's ``state_consume_request_body`` at its end of
+        # message (the request hook, check_killed, an addon's response answered through the
+        # responseheaders hook and send_response, else connect and send), with the body sent
+        # from the hold instead of from memory.
         self.flow.request.timestamp_end = time.time()
         self.client_state = self.state_done
         yield HttpRequestHook(self.flow)
