@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 
 from mitmproxy import connection, http
 
-from egress_guard.core import blockpage
 from egress_guard.core.channels import HeadScan
 from egress_guard.core.decision import Decision
 from egress_guard.core.hosts import normalize_host, split_host_port
 from egress_guard.core.identity import Who
 from egress_guard.core.scan import Verdict
 from egress_guard.core.upload import CapHit, Limits, UploadGate, describe
+
+from . import blockpage
 
 log = logging.getLogger("egress_guard")
 

@@ -1,15 +1,20 @@
 """Block page: the one place that renders the gateway's refusals (zh-CN and en).
 
-Self-contained HTML (inline CSS, no scripts, nothing fetched), every value escaped. It names
-the category, rule, reason, user, time and request id so the employee can ask for an
-exception and the approver can find the row. It never repeats request content.
+Self-contained HTML (inline CSS, no scripts, nothing fetched) from a tornado template with
+auto-escaping, so no value can carry markup. It names the category, rule, reason, user, time
+and request id so the employee can ask for an exception and the approver can find the row. It
+never repeats request content.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from html import escape
+from pathlib import Path
+
+from tornado.template import Loader
+
+_TEMPLATES = Loader(str(Path(__file__).with_name("templates")), autoescape="xhtml_escape")
 
 
 @dataclass(frozen=True)
@@ -54,23 +59,7 @@ def render(refusal: Refusal) -> bytes:
         ("请求编号 Request ID", r.request_id),
         *r.details,
     ]
-    details = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
-    html = f"""<!DOCTYPE html>
-<html lang="zh-CN"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{escape(r.title_zh)} / {escape(r.title_en)}</title><style>{_CSS}</style></head>
-<body><main>
-<h1 lang="zh-CN">{escape(r.title_zh)}</h1>
-<h2 lang="en">{escape(r.title_en)}</h2>
-<p lang="zh-CN" id="reason-zh">{escape(r.reason_zh)}</p>
-<p lang="en" id="reason-en">{escape(r.reason_en)}</p>
-<dl id="details">{details}</dl>
-<p lang="zh-CN">如需因工作访问，请联系审批人并提供上面的请求编号。</p>
-<p lang="en">If your work needs this, contact an approver and quote the request ID above.</p>
-<footer>egress-guard · HTTP {r.status}</footer>
-</main></body></html>
-"""
-    return html.encode("utf-8")
+    return _TEMPLATES.load("blockpage.html").generate(r=r, rows=rows, css=_CSS)
 
 
 def headers(refusal: Refusal) -> dict[str, str]:
