@@ -1,6 +1,6 @@
-"""Admin API authentication rules that do not need a running gateway."""
+"""Login throttling and server-side sessions, without a server."""
 
-from egress_guard.console.app import FailedLogins
+from egress_guard.console.throttle import FailedLogins
 
 
 class Clock:
@@ -41,7 +41,7 @@ def _account(book_dir, roles=("auditor",), password="a long password here"):
 
 
 def test_a_session_idles_out_and_has_a_hard_lifetime(tmp_path):
-    from egress_guard.console.app import Sessions
+    from egress_guard.console.sessions import Sessions
 
     clock = Clock()
     book = _account(tmp_path)
@@ -61,7 +61,7 @@ def test_a_session_idles_out_and_has_a_hard_lifetime(tmp_path):
 
 
 def test_a_session_ends_when_the_password_changes_or_the_account_goes(tmp_path):
-    from egress_guard.console.app import Sessions
+    from egress_guard.console.sessions import Sessions
 
     book = _account(tmp_path)
     sessions = Sessions(Clock())
@@ -76,7 +76,7 @@ def test_a_session_ends_when_the_password_changes_or_the_account_goes(tmp_path):
 
 
 def test_session_ids_are_fresh_and_the_table_is_bounded(tmp_path, monkeypatch):
-    from egress_guard.console.app import Sessions
+    from egress_guard.console.sessions import Sessions
 
     book = _account(tmp_path)
     monkeypatch.setattr(Sessions, "MAX", 50)
