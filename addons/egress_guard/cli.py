@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .core.policy import PolicyError, default_policy_dir, dump_yaml, load_policy
+from .core.policy import PolicyError, default_policy_dir, load_policy
 from .requestlog import evidence
 from .requestlog.store import COLUMN_NAMES, SUMMARY_COLUMNS, StoreError
 from .runtime.settings import BY_NAME, SETTINGS, Setting, SettingError, gateway_config, value_of
@@ -201,7 +201,10 @@ def check_policy(directory: Path | None) -> None:
         sys.exit(2)
     click.echo(f"{directory}: OK")
     for name, stats in policy.stats.items():
-        click.echo(f"  {name:<16} {stats.rules:>6} rules {stats.hosts:>7} hosts")
+        tier = f"  ({stats.ut1_rules} from UT1)" if stats.ut1_rules else ""
+        click.echo(f"  {name:<16} {stats.rules:>6} rules {stats.hosts:>7} hosts{tier}")
+    if policy.ut1_excluded:
+        click.echo(f"  ut1 exclusions   {len(policy.ut1_excluded):>6} entries not loaded")
     click.echo(f"  retention        {policy.retention_months:>6} months")
     click.echo(f"  passthrough      {policy.passthrough.rule_count:>6} hosts")
     click.echo(f"  identities       {len(policy.identities):>6} networks")
@@ -214,7 +217,12 @@ def policy() -> None:
 
 @policy.command("import-ut1")
 @click.argument("category")
-@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.argument("sources", nargs=-1, required=True, type=click.File("r", encoding="utf-8"))
+@click.option(
+    "--source-version",
+    default="",
+    help="Which UT1 release the files are (e.g. mirror commit and date), for the header.",
+)
 @click.option(
     "-o",
     "--output",
@@ -222,19 +230,18 @@ def policy() -> None:
     default="-",
     help="Where to write the policy YAML [default: stdout].",
 )
-def import_ut1(category: str, source: io.TextIOBase, output: io.TextIOBase) -> None:
-    """Turn a UT1 'domains' or 'urls' FILE into rules of CATEGORY (e.g. cloud_drive)."""
-    from .core.ut1 import CREDIT, convert
+def import_ut1(
+    category: str, sources: tuple[io.TextIOBase, ...], source_version: str, output: io.TextIOBase
+) -> None:
+    """Turn UT1 'domains' / 'urls' FILEs into rules of CATEGORY (e.g. cloud_drive), tier ut1."""
+    from .core.ut1 import Source, render, source_name
 
-    imported = convert(category, source)
-    for line, entry, why in imported.skipped:
-        click.echo(f"{source.name}:{line}: skipped {entry!r}: {why}", err=True)
-    header = "".join(f"# {line}\n" for line in CREDIT.splitlines())
-    header += f"# Source: {source.name}; {len(imported.rules)} rules.\n"
-    output.write(header + dump_yaml({"categories": {category: {"rules": imported.rules}}}))
-    click.echo(
-        f"{len(imported.rules)} rules written, {len(imported.skipped)} entries skipped", err=True
-    )
+    read = [Source(source_name(f.name), f.read()) for f in sources]
+    result = render(category, read, source_version)
+    for name, line, entry, why in result.skipped:
+        click.echo(f"{name}:{line}: skipped {entry!r}: {why}", err=True)
+    output.write(result.text)
+    click.echo(f"{result.rules} rules written, {len(result.skipped)} entries skipped", err=True)
 
 
 # --- account ---------------------------------------------------------------------------------

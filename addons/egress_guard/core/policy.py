@@ -27,10 +27,18 @@ from pydantic import (
     model_validator,
 )
 
-from .blocklist import HostIndex, Reason, Rule
+from .blocklist import HostIndex, Reason, Rule, Tier
 from .destinations import AllowedNetwork, DestinationRules, IPNetwork, never_opened_kind
 from .hosts import validate_host_pattern
-from .scan import Marker, MarkerOverride, MarkerPolicy, MarkerSet, ScanLimits, spellings
+from .scan import (
+    Context,
+    Marker,
+    MarkerOverride,
+    MarkerPolicy,
+    MarkerSet,
+    ScanLimits,
+    spellings,
+)
 from .selector import Selector
 from .units import parse_duration, parse_size
 from .upload import UploadOverride, UploadRules
@@ -212,7 +220,7 @@ LevelId = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_len
 class MarkerSpec(_Strict):
     id: RuleId
     patterns: list[NonEmpty] = Field(min_length=1)
-    context: Literal["any", "line_start", "line"] = "any"
+    context: Context = "any"
     note: str = ""
 
 
@@ -308,12 +316,37 @@ class DestinationsSpec(_Strict):
     allow_internal: list[Annotated[AllowedNetworkSpec, BeforeValidator(_network_entry)]] = []
 
 
+class ExclusionSpec(_Strict):
+    """A UT1 entry that is not loaded: a false positive for an office (a CDN, a vendor, the
+    parent domain of a company with many services). Named exactly as in the UT1 list."""
+
+    host: HostPattern
+    reason: NonEmpty
+    # Hosts of the same owner that curated rules keep blocking once the entry is gone (the
+    # mail or drive part of a multi-service domain): documentation the unit tests check.
+    still_blocked: list[HostPattern] = []
+
+
+def _unique_hosts(exclusions: list[ExclusionSpec]) -> list[ExclusionSpec]:
+    hosts = [e.host for e in exclusions]
+    if dup := sorted({h for h in hosts if hosts.count(h) > 1}):
+        raise ValueError(f"hosts listed twice: {', '.join(dup)}")
+    return exclusions
+
+
+UT1_ID_PREFIX = "ut1."
+
+
 class PolicyFileSpec(_Strict):
+    # The tier of every rule in the file: "ut1" for a list made by `egress-guard policy
+    # import-ut1`, which only decides hosts no curated rule covers (see core.blocklist).
+    tier: Tier = "curated"
     categories: dict[CategoryName, CategorySpec] = {}
     settings: SettingsSpec | None = None
     uploads: UploadSpec | None = None
     markers: MarkersSpec | None = None
     destinations: DestinationsSpec | None = None
+    ut1_exclusions: Annotated[list[ExclusionSpec], AfterValidator(_unique_hosts)] | None = None
 
 
 # --- errors with file and line ---------------------------------------------------------------
@@ -390,6 +423,7 @@ class Identity:
 class CategoryStats:
     rules: int
     hosts: int
+    ut1_rules: int = 0  # of ``rules``, those of the lower UT1 tier
 
 
 @dataclass(frozen=True)
@@ -406,9 +440,16 @@ class Policy:
     destinations: DestinationRules = field(default_factory=DestinationRules)
     raw_tcp: HostIndex = field(default_factory=HostIndex)  # where non-HTTP tunnels may go
     stats: dict[str, CategoryStats] = field(default_factory=dict)
+    ut1_excluded: tuple[str, ...] = ()  # UT1 entries not loaded (``ut1_exclusions``)
 
     def summary(self) -> str:
-        parts = [f"{name}: {s.rules} rules, {s.hosts} hosts" for name, s in self.stats.items()]
+        parts = [
+            f"{name}: {s.rules} rules, {s.hosts} hosts"
+            + (f" ({s.ut1_rules} rules from UT1)" if s.ut1_rules else "")
+            for name, s in self.stats.items()
+        ]
+        if self.ut1_excluded:
+            parts.append(f"{len(self.ut1_excluded)} UT1 entries excluded")
         return "; ".join(parts) if parts else "no categories"
 
 
@@ -416,6 +457,9 @@ DEFAULT_REASON = ReasonSpec(
     en="This site is not allowed by the company's egress policy.",
     zh="根据公司信息外发管理规定，该网站不允许访问。",
 )
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _yaml_files(directory: Path) -> list[Path]:
@@ -428,8 +472,14 @@ def _parse_file(path: Path) -> tuple[PolicyFileSpec, yaml.Node | None]:
     except UnicodeDecodeError as e:
         raise PolicyError([f"{path}:1: (file): not UTF-8 text ({e.reason})"]) from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        # One pass of libyaml when present: an imported list has thousands of rules, and the
+        # pure-Python parser (run twice, for the nodes and for the data) took most of a second.
+        loader = _Loader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 1
         raise PolicyError([f"{path}:{line}: (syntax): {e.problem}"]) from None
@@ -482,19 +532,23 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     cat_action: dict[str, tuple[Any, str]] = {}
     cat_reason: dict[str, tuple[Any, str]] = {}
     rule_at: dict[str, str] = {}
-    pending: list[tuple[str, RuleSpec, str]] = []  # (category, rule, "file:line")
+    pending: list[tuple[str, RuleSpec, str, Tier]] = []  # (category, rule, "file:line", tier)
 
     single: dict[str, tuple[Any, str]] = {}  # sections one file only may hold
     destinations = DestinationRules()
     for path, spec, root in parsed:
         if spec.destinations is not None and "destinations" not in single:  # a second: below
             destinations = _compile_destinations(spec.destinations, path, root)
-        for section in ("settings", "uploads", "markers", "destinations"):
+        for section in ("settings", "uploads", "markers", "destinations", "ut1_exclusions"):
             value = getattr(spec, section)
             if value is None:
                 continue
             here = f"{path}:{_line_of(root, [section])}"
-            if section in single:
+            if spec.tier != "curated":
+                # A generated list is replaced wholesale on the next import: settings kept in
+                # it would be lost, so it holds rules only.
+                problems.append(f"{here}: {section}: not allowed in a file of tier {spec.tier}")
+            elif section in single:
                 problems.append(f"{here}: {section}: already given in {single[section][1]}")
             else:
                 single[section] = (value, here)
@@ -521,7 +575,17 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
                     )
                     continue
                 rule_at[rule.id] = where
-                pending.append((name, rule, where))
+                # The id is what a row and the block page show: it must tell the tier.
+                if (spec.tier == "ut1") != rule.id.startswith(UT1_ID_PREFIX):
+                    must = "must" if spec.tier == "ut1" else "must not"
+                    # A list imported before tiers existed lands here: say how to move on.
+                    hint = "" if spec.tier == "ut1" else " (an imported list: add 'tier: ut1')"
+                    problems.append(
+                        f"{where}: categories.{name}.rules[{i}].id: '{rule.id}' {must} start "
+                        f"with '{UT1_ID_PREFIX}' in a file of tier {spec.tier}{hint}"
+                    )
+                    continue
+                pending.append((name, rule, where, spec.tier))
 
     if problems:
         raise PolicyError(problems)
@@ -529,11 +593,19 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     settings: SettingsSpec = single.get("settings", (SettingsSpec(), ""))[0]
     uploads: UploadSpec = single.get("uploads", (UploadSpec(), ""))[0]
     markers: MarkersSpec = single.get("markers", (MarkersSpec(), ""))[0]
+    exclusions: list[ExclusionSpec] = single.get("ut1_exclusions", ([], ""))[0]
+    excluded_hosts = {e.host for e in exclusions}
+    excluded: list[str] = []
     rules: list[Rule] = []
     stats: dict[str, list[int]] = {}
-    for name, spec_rule, where in pending:
+    for name, spec_rule, where, tier in pending:
         reason = spec_rule.reason or cat_reason.get(name, (DEFAULT_REASON, ""))[0]
         action = spec_rule.action or cat_action.get(name, ("block", ""))[0]
+        if tier == "ut1" and excluded_hosts.intersection(spec_rule.hosts + spec_rule.exact_hosts):
+            # Applied when loading, not when importing, so a fresh import cannot bring a false
+            # positive back. An imported rule names one entry, so the whole rule goes.
+            excluded.append(spec_rule.id)
+            continue
         rules.append(
             Rule(
                 id=spec_rule.id,
@@ -545,13 +617,15 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
                 exact_hosts=tuple(spec_rule.exact_hosts),
                 paths=tuple(spec_rule.paths),
                 source=where,
+                tier=tier,
             )
         )
-        counts = stats.setdefault(name, [0, 0])
+        counts = stats.setdefault(name, [0, 0, 0])
         counts[0] += 1
         counts[1] += len(spec_rule.hosts) + len(spec_rule.exact_hosts)
+        counts[2] += tier == "ut1"
     for name in set(cat_action) | set(cat_reason):
-        stats.setdefault(name, [0, 0])
+        stats.setdefault(name, [0, 0, 0])
 
     def host_list(kind: str, hosts: list[str]) -> HostIndex:
         allowed = Reason(en="", zh="")
@@ -580,6 +654,7 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
         user_groups={u: tuple(g) for u, g in settings.user_groups.items()},
         retention_months=settings.retention_months,
         stats={name: CategoryStats(*counts) for name, counts in sorted(stats.items())},
+        ut1_excluded=tuple(excluded),
     )
 
 
