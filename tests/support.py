@@ -37,6 +37,7 @@ class FakeRuntime:
     policy (or one given), a settable clock, the rows recorded, and an inline scan pool."""
 
     def __init__(self, spill_dir: Path, policy_dir: Path = POLICIES, now: float = 1_800_000_000.0):
+        from egress_guard.core.exceptions import ActiveExceptions
         from egress_guard.core.policy import load_policy
         from egress_guard.core.upload import UploadWindows
         from egress_guard.runtime.heldbody import HoldSpec
@@ -50,6 +51,8 @@ class FakeRuntime:
         self.windows = UploadWindows(self._policy.uploads.window_seconds, self.clock)
         self.scans = ScanPool()
         self.destinations = Destinations(self.clock)
+        self.exceptions = ActiveExceptions()  # replace with one holding the test's exceptions
+        self.portal = None  # block pages without a request form, unless a test sets one
         self.tunnels: dict = {}
         self.rows: list = []
         self.fails_closed = True
@@ -57,6 +60,9 @@ class FakeRuntime:
 
     def clock(self) -> float:
         return self.now
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     @property
     def policy(self):

@@ -42,6 +42,12 @@ CONSOLE_LOGINS = Counter(
 POLICY_RELOADS = Counter("egress_guard_policy_reloads", "Policy reload attempts", ["result"])
 POLICY_RULES = Gauge("egress_guard_policy_rules", "Rules loaded per category", ["category"])
 POLICY_VALID = Gauge("egress_guard_policy_last_reload_ok", "1 when the last reload succeeded")
+EXCEPTION_USES = Counter(
+    "egress_guard_exception_uses",
+    "Requests that passed only because of an approved exception, by the control it lifted",
+    ["control"],
+)
+EXCEPTIONS_ACTIVE = Gauge("egress_guard_exceptions_active", "Approved exceptions in force now")
 
 
 def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> object:
@@ -65,3 +71,20 @@ SCAN_SECONDS = Histogram(
     ["where"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+# Exception-workflow notifications (egress_guard.notify counts through count_notification):
+# channel is email or webhook; outcome is sent, retried (an attempt failed, another follows),
+# failed (no attempt left, or the server refused for good) or dropped (queue full, shutting
+# down, or a notice that could not be built).
+NOTIFICATIONS = Counter(
+    "egress_guard_notifications",
+    "Exception notifications, by channel (email, webhook) and outcome",
+    ["channel", "outcome"],
+)
+NOTIFICATION_QUEUE_DEPTH = Gauge(
+    "egress_guard_notification_queue_depth", "Notifications waiting to be sent or retried"
+)
+
+
+def count_notification(channel: str, outcome: str) -> None:
+    NOTIFICATIONS.labels(channel, outcome).inc()

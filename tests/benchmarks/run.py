@@ -58,6 +58,59 @@ MODES = {
 }
 
 
+# --- the exceptions in force while the proxies are measured ----------------------------------
+
+ACTIVE_EXCEPTIONS = 10_000
+
+
+def seed_exceptions(data_dir: Path, n: int) -> int:
+    """``n`` approved exceptions in the gateway's snapshot, as a large company might hold: for
+    users, groups and client networks, past blocks and caps, by host and by category — and
+    some for the benchmark client's own address (on hosts it never asks for), so its lookups
+    find entries and must check them. Returns the number written."""
+    from egress_guard.core import exceptions as ex
+    from egress_guard.requestlog.exception_snapshot import ExceptionSnapshot, Snapshot
+
+    now = int(time.time() * 1000)
+    events = []
+    for i in range(n):
+        if i % 100 == 0:
+            subject = ex.Subject.client("127.0.0.1/32")
+        elif i % 5 == 0:
+            subject = ex.Subject.group(f"team{i % 300}")
+        elif i % 5 == 1:
+            subject = ex.Subject.client(f"10.{i // 256 % 256}.{i % 256}.0/24")
+        else:
+            subject = ex.Subject.user(f"user{i}")
+        control = ex.Control.parse("upload") if i % 7 == 0 else ex.BLOCK
+        grant = ex.UploadGrant(per_request=50 * 1024 * 1024) if i % 7 == 0 else None
+        target = (
+            ex.Target.for_category("webmail")
+            if i % 11 == 0 and control == ex.BLOCK and subject.kind != "client"
+            else ex.Target.for_host(f"site{i}.example.com")
+        )
+        terms = ex.Terms(subject, control, target, now, now + 30 * ex.DAY, grant)
+        events.append(
+            ex.Event(
+                id=ex.new_event_id(),
+                exception_id=f"ex-bench{i:07d}",
+                kind="granted",
+                ts_ms=now,
+                actor="bench.approver",
+                actor_roles=("approver",),
+                client_ip="10.9.9.9",
+                terms=terms,
+                reason="benchmark",
+                approvals_needed=1,
+                decide_by_ms=now + ex.DAY,
+            )
+        )
+    ExceptionSnapshot(data_dir / "exceptions.snapshot").write(
+        Snapshot(tuple(events), written_ms=now)
+    )
+    return len(events)
+
+
 # --- measuring the proxies ------------------------------------------------------------------
 
 
@@ -177,6 +230,7 @@ def bench_proxies(mode: Mode, tmp: Path, deadline: float) -> dict:
     (policies / "uploads.yaml").write_text(
         "uploads:\n  per_request: 1GiB\n  per_user: 1000GiB\n  window: 24h\n"
     )
+    exceptions = seed_exceptions(tmp / "gw", ACTIVE_EXCEPTIONS)
     gw = GatewayProcess(tmp / "gw", policies, upstream.ca_path).start()
     bare, bare_port = start_mitmdump(
         tmp / "mitm",
@@ -217,7 +271,7 @@ def bench_proxies(mode: Mode, tmp: Path, deadline: float) -> dict:
         ),
         "blocked_request": case("http", "mail.qq.com", 80, expect=403),
     }
-    results: dict = {}
+    results: dict = {"active_exceptions": exceptions}
     try:
         for case, args in cases.items():
             rounds = []
@@ -413,7 +467,7 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for case, r in px.items():
-            if case in ("blocked_connect", "large_upload"):
+            if case in ("blocked_connect", "large_upload", "active_exceptions"):
                 continue
             last = r["rounds"][-1]
             g, b = last["gateway"], last["mitmdump"]
@@ -423,6 +477,7 @@ def markdown(results: dict) -> str:
                 f"{g['p95_ms']:.2f}/{g['p99_ms']:.2f} | {b['p50_ms']:.2f} | "
                 f"{r['median_ratio_p50']:.2f} | {g['cpu_ms_per_request']:.2f} |"
             )
+        lines += ["", f"With {px.get('active_exceptions', 0)} exceptions in force."]
         bc = px.get("blocked_connect")
         if bc:
             lines += [

@@ -1,7 +1,9 @@
 """A gateway that breaks on demand, for the durability and console tests: ``egress-guard run``
 itself, with a store and a request log that read a fault file. While the file holds a fault's
 name, it is on: ``store-down`` (every insert fails) and ``crash-after-insert`` (the process
-dies right after an insert, before its checkpoint).
+dies right after an insert, before its checkpoint). ``clock+SECONDS`` moves the gateway's
+clock that far ahead of the wall clock (expiry tests: the clock is read through the file, so a
+test moves time while the gateway runs).
 
     python tests/e2e/faulty_gateway.py FAULT_FILE run --listen … (the options of run)
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,19 @@ class Faults:
     def __init__(self, path: Path):
         self.path = path
 
-    def active(self, name: str) -> bool:
+    def names(self) -> list[str]:
         try:
-            return name in self.path.read_text().split()
+            return self.path.read_text().split()
         except OSError:  # no file: no fault
-            return False
+            return []
+
+    def active(self, name: str) -> bool:
+        return name in self.names()
+
+    def clock(self) -> float:
+        """The wall clock, moved ahead by the ``clock+SECONDS`` the file names."""
+        ahead = sum(float(n[6:]) for n in self.names() if n.startswith("clock+"))
+        return time.time() + ahead
 
 
 class FaultyStore(Store):
@@ -59,7 +70,11 @@ def faulty_gateway(faults: Faults) -> Gateway:
         if faults.active("crash-after-insert"):
             os._exit(137)  # as a kill would: no cleanup, the batch inserted, not checkpointed
 
-    return Gateway(open_store=lambda dsn: FaultyStore(dsn, faults), after_insert=crash_if_asked)
+    return Gateway(
+        clock=faults.clock,
+        open_store=lambda dsn: FaultyStore(dsn, faults),
+        after_insert=crash_if_asked,
+    )
 
 
 if __name__ == "__main__":

@@ -35,3 +35,17 @@ def test_benchmark_suite_runs_and_reports(tmp_path):
         "## Log pipeline",
     ):
         assert heading in report
+
+
+def test_the_audit_benchmark_runs_and_reports(tmp_path):
+    """bench_audit at a small size: it fills the store, times every auditor query and writes
+    its report (the 1 M / 10 M figures are in the README)."""
+    out = tmp_path / "audit"
+    result = run_benchmark("bench_audit.py", "--rows", "50000", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    seconds = data["sizes"]["50000"]["seconds"]
+    for name in ("user_week_first_page", "timeline_user_week", "report_month_busiest_destinations",
+                 "incident_queue", "retention"):  # fmt: skip
+        assert seconds[name] > 0, name
+    assert "| timeline_user_week |" in (out / "report.md").read_text()

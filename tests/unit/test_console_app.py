@@ -35,9 +35,11 @@ from egress_guard.console.app import ROUTES, make_app
 from egress_guard.console.auth import CONTENT_SECURITY_POLICY, BaseHandler
 from egress_guard.console.certs import tls_context
 from egress_guard.console.context import ConsoleContext
+from egress_guard.console.display import LOG_COLUMNS
 from egress_guard.console.journal import watch_accounts
 from egress_guard.console.tokens import ensure_admin_token
-from egress_guard.requestlog.store import CONSOLE_EVENT_NAMES, SUMMARY_COLUMNS, RequestFilter
+from egress_guard.requestlog.store import CONSOLE_EVENT_NAMES, READ_COLUMN_NAMES, RequestFilter
+from exception_fixtures import ACTIVE_ID, PENDING_ID, RULES, WallClock, seeded_book
 
 PASSWORD = "a long enough password"
 ROLE_ACCOUNTS = {"admin": "ann", "auditor": "aud", "approver": "appr"}
@@ -96,22 +98,154 @@ class FakeStore:
 
 
 def request_row(**values: Any) -> dict[str, Any]:
+    """A row with every column the store hands back."""
     row: dict[str, Any] = {
         "ts": datetime.now(UTC) - timedelta(minutes=5),
-        "user": "zhang.wei",
+        "node": "unit-node",
+        "request_id": "req-1",
         "client_ip": "10.1.2.3",
+        "user": "zhang.wei",
+        "groups": [],
         "method": "GET",
+        "scheme": "http",
         "host": "example.com",
+        "port": 80,
         "path": "/",
+        "query": "",
+        "http_version": "HTTP/1.1",
+        "kind": "http",
         "status": 200,
         "decision": "allow",
         "reason_kind": "",
         "rule_id": "",
+        "category": "",
+        "marker_ids": [],
         "marker_levels": [],
+        "exception_id": "",
+        "request_bytes": 0,
         "upload_bytes": 0,
-        "request_id": "req-1",
+        "response_bytes": 0,
+        "content_type": "",
+        "user_agent": "",
+        "duration_ms": 0,
+        "tls_intercepted": False,
+        "error": "",
+        "declared_bytes": 0,
+        "window_bytes": 0,
+        "forwarded_bytes": 0,
+        "connection_id": "",
     }
+    assert tuple(row) == READ_COLUMN_NAMES
     return row | values
+
+
+class FakeAudit:
+    """The auditor's queries (``requestlog.investigation.Investigation``) with canned answers
+    shaped as the real ones: what the pages and the API do with them is tested here, the SQL
+    against the real store (test_console_audit.py)."""
+
+    def __init__(self, store: FakeStore):
+        self.store = store
+        self.calls: list[str] = []
+        self.updates: list[tuple[str, Any]] = []
+
+    def _called(self, name: str) -> None:
+        self.store._reachable("query")
+        self.calls.append(name)
+
+    def connection(self, request_id: str) -> dict[str, Any] | None:
+        self._called("connection")
+        rows = [r for r in self.store.rows if r["request_id"] == request_id]
+        if not rows:
+            return None
+        return {"row": rows[0], "connection_id": "", "approximate": True, "rows": rows}
+
+    def timeline(self, subject: str, since: datetime, until: datetime, **kw: Any) -> Any:
+        self._called("timeline")
+        events = [r for r in self.store.rows if r["user"] == subject]
+        return {
+            "subject": subject,
+            "since": since,
+            "until": until,
+            "timezone": "UTC",
+            "days": [],
+            "sites": [],
+            "exceptions": [],
+            "events": events,
+            "everything": kw.get("everything", False),
+            "next": None,
+        }
+
+    def report(self, since: datetime, until: datetime) -> dict[str, Any]:
+        self._called("report")
+        empty: list[Any] = []
+        return {
+            "since": since,
+            "until": until,
+            "bucket": "day",
+            "timezone": "UTC",
+            "totals": dict.fromkeys(
+                (
+                    "requests",
+                    "blocked",
+                    "alerts",
+                    "users",
+                    "hosts",
+                    "upload_bytes",
+                    "forwarded_bytes",
+                    "marker_hits",
+                ),
+                0,
+            ),
+            **dict.fromkeys(
+                (
+                    "requests_over_time",
+                    "top_blocked_users",
+                    "top_blocked_hosts",
+                    "top_blocked_categories",
+                    "upload_per_user_day",
+                    "marker_hits_over_time",
+                    "exception_usage",
+                    "busiest_destinations",
+                ),
+                empty,
+            ),
+        }
+
+    def incidents(self, **kw: Any) -> list[dict[str, Any]]:
+        self._called("incidents")
+        return []
+
+    def incident(self, request_id: str) -> dict[str, Any] | None:
+        self._called("incident")
+        rows = [r for r in self.store.rows if r["request_id"] == request_id]
+        if not rows:
+            return None
+        return {
+            "row": rows[0],
+            "severity": "high",
+            "kind": "marker",
+            "status": "new",
+            "assignee": "",
+            "classification": "",
+            "history": [],
+        }
+
+    def update_incident(self, request_id: str, change: Any, **kw: Any) -> dict[str, Any]:
+        self._called("update_incident")
+        self.updates.append((request_id, change))
+        found = self.incident(request_id)
+        if found is None:
+            raise LookupError(request_id)
+        return found
+
+    def console_events(self, f: Any) -> list[dict[str, Any]]:
+        self._called("console_events")
+        return [e | {"key": 1} for e in self.store.events][: f.limit]
+
+    def retention(self, now: datetime) -> dict[str, Any]:
+        self._called("retention")
+        return {"now": now, "months": [], "tables": []}
 
 
 class Clock:
@@ -246,6 +380,11 @@ def console(tls, accounts_file, tmp_path) -> Iterator[InProcessConsole]:
         status=lambda: dict(STATUS),
         node="unit-node",
         clock=Clock(),
+        audit=FakeAudit(store),
+        # The approvers' workflow: a pending request and an active grant (exception_fixtures).
+        exceptions=seeded_book(tmp_path, wall := WallClock()),
+        approval_rules=lambda: RULES,
+        wall_ms=wall,
     )
     c = InProcessConsole(ctx, store, tokens, tls)
     yield c
@@ -336,7 +475,36 @@ WHO_MAY = {
     "/login": {},  # public: GET the form, POST credentials
     "/logout": {"POST": EVERYONE},
     "/requests": {"GET": {"auditor"}},
+    "/request": {"GET": {"auditor"}},
+    "/timeline": {"GET": {"auditor"}},
+    "/reports": {"GET": {"auditor"}},
+    "/incidents": {"GET": {"auditor"}},
+    "/incident": {"GET": {"auditor"}, "POST": {"auditor"}},
+    "/events": {"GET": {"admin", "auditor"}},
+    "/retention": {"GET": {"admin", "auditor"}},
+    # Exceptions: approvers decide; approvers and auditors read; admin is not an approver.
+    "/exceptions": {"GET": {"approver", "auditor"}},
+    "/exceptions/active": {"GET": {"approver", "auditor"}},
+    "/exceptions/history": {"GET": {"approver", "auditor"}},
+    "/exceptions/grant": {"GET": {"approver"}, "POST": {"approver"}},
+    "/exceptions/([^/]+)": {"GET": {"approver", "auditor"}},
+    "/exceptions/([^/]+)/approve": {"POST": {"approver"}},
+    "/exceptions/([^/]+)/deny": {"POST": {"approver"}},
+    "/exceptions/([^/]+)/revoke": {"POST": {"approver"}},
     "/api/v1/requests": {"GET": {"auditor"}},
+    "/api/v1/request": {"GET": {"auditor"}},
+    "/api/v1/timeline": {"GET": {"auditor"}},
+    "/api/v1/report": {"GET": {"auditor"}},
+    "/api/v1/incidents": {"GET": {"auditor"}},
+    "/api/v1/incident": {"GET": {"auditor"}, "POST": {"auditor"}},
+    "/api/v1/retention": {"GET": {"admin", "auditor"}},
+    "/api/v1/exceptions": {"GET": {"approver", "auditor"}, "POST": {"approver"}},
+    "/api/v1/exceptions/([^/]+)": {"GET": {"approver", "auditor"}},
+    "/api/v1/exceptions/([^/]+)/approve": {"POST": {"approver"}},
+    "/api/v1/exceptions/([^/]+)/deny": {"POST": {"approver"}},
+    "/api/v1/exceptions/([^/]+)/revoke": {"POST": {"approver"}},
+    "/api/v1/exceptions/([^/]+)/request": {"GET": {"approver", "auditor"}},
+    "/api/v1/openapi.json": {"GET": EVERYONE},
     "/api/v1/export": {"GET": {"auditor"}},
     "/api/v1/console-events": {"GET": {"admin", "auditor"}},
     "/api/v1/status": {"GET": {"admin"}},
@@ -365,20 +533,59 @@ def role_matrix():
             yield path, method, allowed
 
 
+# What an allowed caller sends so that the call succeeds: (query, form or JSON fields).
+SAMPLE_ARGS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
+    ("/incident", "POST"): ("", {"id": "req-1", "comment": "looked at it"}),
+    ("/api/v1/request", "GET"): ("?id=req-1", {}),
+    ("/api/v1/timeline", "GET"): ("?user=zhang.wei", {}),
+    ("/api/v1/incident", "GET"): ("?id=req-1", {}),
+    ("/api/v1/incident", "POST"): ("", {"id": "req-1", "comment": "looked at it"}),
+    ("/exceptions/grant", "POST"): (
+        "",
+        {"subject_value": "li.na", "target": "example.org", "duration": "1d", "reason": "x"},
+    ),
+    ("/exceptions/([^/]+)/deny", "POST"): ("", {"reason": "not for work"}),
+    ("/exceptions/([^/]+)/revoke", "POST"): ("", {"reason": "project over"}),
+    ("/api/v1/exceptions", "POST"): (
+        "",
+        {"subject": "user:li.na", "host": "example.org", "duration": "1d", "reason": "x"},
+    ),
+    ("/api/v1/exceptions/([^/]+)/deny", "POST"): ("", {"reason": "not for work"}),
+    ("/api/v1/exceptions/([^/]+)/revoke", "POST"): ("", {"reason": "project over"}),
+}
+# The path an allowed caller calls for a route with an id in it: the fixture's exceptions.
+SAMPLE_PATHS = {
+    path: path.replace("([^/]+)", ACTIVE_ID if path.endswith("/revoke") else PENDING_ID)
+    for path, _ in ROUTES
+    if "([^/]+)" in path
+}
+
+
 @pytest.mark.parametrize(("path", "method", "allowed"), list(role_matrix()))
 @pytest.mark.parametrize("via", ["token", "session"])
 def test_every_action_is_refused_to_roles_it_is_not_for(console, path, method, allowed, via):
     console.store.rows = [request_row()]
+    query, fields = SAMPLE_ARGS.get((path, method), ("", {}))
     for role, name in ROLE_ACCOUNTS.items():
         headers = {"Origin": console.origin}
         if via == "token":
             token, body = console.tokens[role], None
+            if method == "POST" and path.startswith("/api/"):
+                body = json.dumps(fields).encode()
+            elif method == "POST":
+                body = urllib.parse.urlencode(fields).encode()
+                headers.update(FORM)
         else:
             session = login(console, name)
             token, headers["Cookie"] = None, session.cookie
-            body = urllib.parse.urlencode({"_xsrf": session.xsrf_field}).encode()
+            body = urllib.parse.urlencode({"_xsrf": session.xsrf_field, **fields}).encode()
             headers.update(FORM)
-        reply = console.call(path, token, method=method, body=body, headers=headers)
+        if via == "session" and path.startswith("/api/") and method == "POST":
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(fields).encode()
+            headers["X-XSRFToken"] = session.xsrf_field
+        concrete = SAMPLE_PATHS.get(path, path)
+        reply = console.call(concrete + query, token, method=method, body=body, headers=headers)
         if role in allowed:
             assert reply.status in (200, 303), (role, path, method, reply.status, reply.body)
         else:
@@ -650,7 +857,7 @@ def test_the_home_page_shows_each_role_its_part(console):
     auditor = page(console, "/", login(console, "aud"))
     assert 'id="nav-requests"' in auditor and 'id="status"' not in auditor
     approver = page(console, "/", login(console, "appr"))
-    assert "Approvals" in approver and "<code>allow</code>" in approver
+    assert "Approvals" in approver and 'id="nav-exceptions-grant"' in approver
     assert 'id="status"' not in approver and 'id="nav-requests"' not in approver
     everyone = page(console, "/", login(console, "li.all"))
     assert all(m in everyone for m in ('id="status"', 'id="nav-requests"', "Approvals"))
@@ -683,13 +890,18 @@ def test_the_request_log_page_filters_shows_rows_and_links_the_export(console):
     )
     assert flt.since is not None and abs(now - timedelta(hours=24) - flt.since).total_seconds() < 60
     assert '<p id="count">2 rows' in shown
-    table = shown.split('<table id="results">')[1]
-    assert re.findall(r"<th>([^<]*)</th>", table) == list(SUMMARY_COLUMNS)
+    table = shown.split('<table id="results" class="log wide">')[1]
+    assert re.findall(r"<th>([^<]*)</th>", table) == [h for _, h in LOG_COLUMNS]
     assert table.index("mail.example.com") < table.index("/older") and "/too-old" not in table
-    local = (now - timedelta(hours=1)).astimezone().strftime("%Y-%m-%d %H:%M")
-    assert f"<td>{local}" in table  # times in the gateway's local time
+    hour_ago = now - timedelta(hours=1)
+    local = hour_ago.astimezone().strftime("%Y-%m-%d %H:%M")
+    utc = hour_ago.strftime("%Y-%m-%dT%H:%M")
+    # Times in the gateway's local time, UTC on hover.
+    assert re.search(f'<td class="c-ts" title="UTC {utc}[^"]*Z">{local}', table)
     export = re.search(r'<a id="export" href="([^"]+)" download>', shown).group(1)
-    assert export == f"/api/v1/export?{query}".replace("&", "&amp;")
+    path, _, args = export.replace("&amp;", "&").partition("?")
+    assert path == "/api/v1/export"
+    assert urllib.parse.parse_qs(args) == urllib.parse.parse_qs(query)  # until= is left out
     for name, value in (("user", "zhang.wei"), ("host", "Example.com."), ("since", "24h")):
         assert f'id="f-{name}" value="{value}"' in shown  # the form keeps what was asked
 
@@ -711,7 +923,7 @@ def test_values_on_pages_are_escaped(console):
     for text in (home, results):
         assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert f'value="{hostile}"' not in results and 'value="&quot;&gt;&lt;script&gt;' in results
-    assert "<td>a&amp;b</td>" in results
+    assert 'title="a&amp;b">a&amp;b</td>' in results
     assert "&lt;script&gt;" in page(console, f"/requests?limit={urllib.parse.quote(hostile)}", s)
 
 
@@ -724,11 +936,15 @@ def test_api_answers_keep_their_json_shape(console):
     aud = console.tokens["auditor"]
     got = console.call("/api/v1/requests?user=%E5%BC%A0%E4%BC%9F", aud)
     assert got.headers["content-type"] == "application/json; charset=utf-8"
-    expected = {"rows": [request_row(ts=ts, user="张伟", marker_levels=["block"])], "count": 1}
+    expected = {
+        "rows": [request_row(ts=ts, user="张伟", marker_levels=["block"])],
+        "count": 1,
+        "next": None,  # the cursor of the next page (after=…); none after the last
+    }
     expected["rows"][0]["ts"] = "2026-11-21T08:30:00.123Z"
     assert got.json() == expected
     assert "张伟".encode() in got.body  # UTF-8 as is, not \u escapes
-    assert list(got.json()) == ["rows", "count"]
+    assert list(got.json()) == ["rows", "count", "next"]
 
     assert console.call("/api/v1/whoami", aud).json() == {
         "name": "aud",

@@ -37,7 +37,7 @@ def row(i, **kw):
 def test_migrations_are_versioned_and_idempotent(store):
     assert store.migrate() == []
     versions = store.query("SELECT version FROM schema_migrations ORDER BY version")
-    assert versions == [(1,), (2,), (3,), (4,), (5,)]
+    assert versions == [(v,) for v in range(1, 9)]
     columns = [
         r[0]
         for r in store.query(
@@ -45,7 +45,7 @@ def test_migrations_are_versioned_and_idempotent(store):
             "database = currentDatabase() AND table = 'requests'"
         )
     ]
-    assert columns[-3:] == ["declared_bytes", "window_bytes", "forwarded_bytes"]
+    assert columns[-4:] == ["declared_bytes", "window_bytes", "forwarded_bytes", "connection_id"]
 
 
 def test_requests_table_is_monthly_mergetree_with_at_least_six_months_ttl(store):
@@ -243,3 +243,18 @@ def test_window_usage_separates_this_node_from_the_others(store):
     assert [(k, n) for k, _s, n in own] == [("alice", 100), ("ip:10.0.0.9", 7)]
     assert own[0][1] == int((T0).timestamp())
     assert [(k, n) for k, _s, n in store.window_usage(since, "a", own=False)] == [("alice", 40)]
+
+
+def test_rows_spooled_before_a_column_was_added_replay_with_its_default():
+    """A gateway upgraded with rows still in its spool: their frames are shorter than today's
+    rows, and replay them with the new columns' defaults."""
+    import msgpack
+
+    from egress_guard.requestlog.auditlog import unpack_rows
+
+    row = RequestRow(ts=datetime(2026, 11, 1, tzinfo=UTC), request_id="old", user="alice")
+    full = [row.ts.timestamp(), *row.values()[1:]]
+    old = full[: full.__len__() - 2]  # before forwarded_bytes and connection_id existed
+    (unpacked,) = unpack_rows(msgpack.packb([old], use_bin_type=True))
+    assert len(unpacked) == len(row.values())
+    assert unpacked[-2:] == (0, "") and unpacked[2] == "old"

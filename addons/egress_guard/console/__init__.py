@@ -11,6 +11,10 @@ One module per concern:
 - ``api``: the JSON API under ``/api/v1/``. ``pages``: the HTML pages, rendered from
   ``templates/`` with tornado's autoescaping.
 - ``filters``: the request-log filter, shared by the page and the API.
+- ``exception_ops``: the approvers' exception workflow (actors, terms from input, the
+  commands on the gateway's book, notices, JSON shapes), shared by ``exceptions_api`` (JSON
+  under ``/api/v1/exceptions``; ``exceptions_openapi``, its OpenAPI document) and
+  ``exceptions_pages`` (the queue, one exception, grant, active, history).
 - ``sessions``, ``throttle``, ``tokens``: server-side sessions, failed-login limits, the
   bootstrap admin token. ``certs``: the console's certificate from the gateway CA.
 - ``journal``: the copy of the account journal into ``console_events``.

@@ -14,7 +14,7 @@ from egress_guard.requestlog import evidence
 from egress_guard.requestlog.store import MAX_QUERY_ROWS, RequestFilter
 
 from .auth import ALL_ROLES, BaseHandler
-from .filters import filter_detail, json_default, request_filter
+from .filters import filter_detail, json_default, next_cursor, request_filter
 
 
 class ApiHandler(BaseHandler):
@@ -42,7 +42,8 @@ class Requests(ApiHandler):
         rows = await self.audited_query(
             "query_requests", filter_detail(flt), lambda: self.ctx.store.query_requests(flt)
         )
-        self.send_json({"rows": rows, "count": len(rows)})
+        # next: the cursor of the following page (pass it as after=), null on the last page.
+        self.send_json({"rows": rows, "count": len(rows), "next": next_cursor(rows, flt.limit)})
 
 
 class Export(ApiHandler):

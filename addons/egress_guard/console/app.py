@@ -14,10 +14,13 @@ from typing import Any, ClassVar
 import tornado.httpserver
 import tornado.web
 
-from . import api, pages
+from . import api, audit_api, incidents, investigate, pages, records, reports
+from . import exceptions_api as ex_api
+from . import exceptions_pages as ex_pages
 from .auth import ALL_ROLES, BaseHandler
 from .certs import tls_context
 from .context import ConsoleContext
+from .exception_ops import category_of, groups_of
 from .journal import watch_accounts
 from .sessions import COOKIE_FLAGS
 from .tokens import ensure_admin_token, token_path
@@ -25,7 +28,9 @@ from .tokens import ensure_admin_token, token_path
 __all__ = [
     "ROUTES",
     "ConsoleContext",
+    "category_of",
     "ensure_admin_token",
+    "groups_of",
     "make_app",
     "serve",
     "tls_context",
@@ -55,8 +60,36 @@ ROUTES: tuple[tuple[str, type[BaseHandler]], ...] = (
     (r"/", pages.Home),
     (r"/login", pages.Login),
     (r"/logout", pages.Logout),
-    (r"/requests", pages.RequestLog),
+    (r"/requests", investigate.RequestLog),
+    (r"/request", investigate.RequestDetail),
+    (r"/timeline", investigate.Timeline),
+    (r"/reports", reports.Reports),
+    (r"/incidents", incidents.IncidentQueue),
+    (r"/incident", incidents.Incident),
+    (r"/events", records.EventLog),
+    (r"/retention", records.Retention),
+    (r"/exceptions", ex_pages.ExceptionQueue),
+    (r"/exceptions/active", ex_pages.ActiveList),
+    (r"/exceptions/history", ex_pages.HistoryList),
+    (r"/exceptions/grant", ex_pages.GrantForm),
+    (r"/exceptions/([^/]+)", ex_pages.ExceptionDetail),
+    (r"/exceptions/([^/]+)/approve", ex_pages.ApproveForm),
+    (r"/exceptions/([^/]+)/deny", ex_pages.DenyForm),
+    (r"/exceptions/([^/]+)/revoke", ex_pages.RevokeForm),
     (r"/api/v1/requests", api.Requests),
+    (r"/api/v1/request", audit_api.RequestApi),
+    (r"/api/v1/timeline", audit_api.TimelineApi),
+    (r"/api/v1/report", audit_api.ReportApi),
+    (r"/api/v1/incidents", audit_api.IncidentsApi),
+    (r"/api/v1/incident", audit_api.IncidentApi),
+    (r"/api/v1/retention", audit_api.RetentionApi),
+    (r"/api/v1/exceptions", ex_api.ExceptionsCollection),
+    (r"/api/v1/exceptions/([^/]+)", ex_api.ExceptionItem),
+    (r"/api/v1/exceptions/([^/]+)/approve", ex_api.ApproveApi),
+    (r"/api/v1/exceptions/([^/]+)/deny", ex_api.DenyApi),
+    (r"/api/v1/exceptions/([^/]+)/revoke", ex_api.RevokeApi),
+    (r"/api/v1/exceptions/([^/]+)/request", ex_api.BlockedRequestApi),
+    (r"/api/v1/openapi.json", ex_api.OpenApi),
     (r"/api/v1/export", api.Export),
     (r"/api/v1/console-events", api.ConsoleEvents),
     (r"/api/v1/status", api.Status),

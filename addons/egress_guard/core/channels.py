@@ -26,18 +26,53 @@ MAX_HEAD_TEXT = 256 * 1024  # a head is bounded upstream (64 KiB per HTTP/1 head
 _DECODE_ROUNDS = 3  # %2525 → %25 → % : servers that decode twice are not rare
 
 
+_PERCENT_U = re.compile(r"%u([0-9A-Fa-f]{4})")  # IIS and old JavaScript escape(): %u673A
+_HEAD_CHARSETS = ("gb18030", "big5")  # what a Chinese client sends undeclared, besides UTF-8
+
+
+def _readings(raw: bytes) -> Iterator[str]:
+    """The texts bytes may be in a head: UTF-8, else every plausible Chinese charset (a query
+    as Baidu sends it is GBK percent-encoded; a header may carry raw GBK bytes)."""
+    try:
+        yield raw.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        yield raw.decode("utf-8", "replace")
+    for charset in _HEAD_CHARSETS:
+        yield raw.decode(charset, "replace")
+
+
 def _percent_decoded(raw: str) -> Iterator[str]:
-    """``raw`` and each distinct percent-decoding of it (UTF-8, invalid bytes replaced)."""
-    seen = raw
+    """``raw`` and each distinct percent-decoding of it, in every plausible charset, with
+    ``%uXXXX`` escapes resolved too; up to ``_DECODE_ROUNDS`` deep."""
+    layer = [raw]
+    seen = {raw}
     yield raw
     for _ in range(_DECODE_ROUNDS):
-        if "%" not in seen and "+" not in seen:
+        following = []
+        for text in layer:
+            if "%" not in text and "+" not in text:
+                continue
+            text = _PERCENT_U.sub(lambda m: chr(int(m.group(1), 16)), text)
+            raw_bytes = unquote_to_bytes(text.replace("+", " "))
+            for decoded in _readings(raw_bytes):
+                if decoded not in seen:
+                    seen.add(decoded)
+                    following.append(decoded)
+                    yield decoded
+        if not following:
             return
-        decoded = unquote_to_bytes(seen.replace("+", " ")).decode("utf-8", "replace")
-        if decoded == seen:
-            return
-        yield decoded
-        seen = decoded
+        layer = following
+
+
+def _raw_header_readings(value: str) -> Iterator[str]:
+    """A header value mitmproxy read as UTF-8 with surrogate escapes: the bytes it really
+    held, in the other plausible charsets."""
+    if value.isascii():
+        return
+    raw = value.encode("utf-8", "surrogateescape")
+    for charset in _HEAD_CHARSETS:
+        yield raw.decode(charset, "replace")
 
 
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{12,}={0,2}")  # a marker in base64: 12+ characters
@@ -102,15 +137,20 @@ def head_texts(target: str, headers: Iterable[tuple[str, str]]) -> Iterator[tupl
     for name, value in headers:
         channel = f"header:{name.lower()}"
         yield channel, f"{name}: {value}"
-        parts = value.split(";") if channel == "header:cookie" else [value]
-        for part in parts:
-            for decoded in _percent_decoded(
-                part.partition("=")[2] if channel == "header:cookie" else part
-            ):
-                if decoded is not part:
-                    yield channel, decoded
-                for text in _inside(decoded):
-                    yield channel, text
+        readings = [value, *_raw_header_readings(value)]
+        for reading in readings[1:]:
+            yield channel, reading
+        for reading in readings:
+            if channel == "header:cookie":
+                values = [part.partition("=")[2] for part in reading.split(";")]
+            else:
+                values = [reading]
+            for part in values:
+                for n, decoded in enumerate(_percent_decoded(part)):
+                    if n:  # the first is the value itself, already yielded above
+                        yield channel, decoded
+                    for text in _inside(decoded):
+                        yield channel, text
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from .upload import CapHit
 
 Verdict = Literal["allow", "block", "alert"]
 # destination: a place the gateway never forwards to (its own ports, internal addresses, a
-# request target that does not match its tunnel), whatever the blocklists say.
-ReasonKind = Literal["", "blocklist", "destination", "upload_cap", "marker", "error"]
+# request target that does not match its tunnel), whatever the blocklists say. exception: let
+# through by an approved exception that lifts the rule which would have blocked it.
+ReasonKind = Literal["", "blocklist", "destination", "upload_cap", "marker", "error", "exception"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Decision:
     host: str = ""  # the normalized host the rule matched
     cap: CapHit | None = None  # the upload cap that refused the request
     scan: ScanVerdict | None = None  # what the marker scan found
+    exception_id: str = ""  # the approved exception this request passed by, if any
 
     @property
     def rule_id(self) -> str:

@@ -27,8 +27,17 @@ from pydantic import (
     model_validator,
 )
 
+from egress_guard.notify import (
+    Credentials,
+    NotificationsSpec,
+    NotifyConfigError,
+    load_credentials,
+)
+
+from .approvals import ApprovalsSpec, compile_approvals
 from .blocklist import HostIndex, Reason, Rule, Tier
 from .destinations import AllowedNetwork, DestinationRules, IPNetwork, never_opened_kind
+from .exceptions import ApprovalRules
 from .hosts import validate_host_pattern
 from .scan import (
     Context,
@@ -346,6 +355,8 @@ class PolicyFileSpec(_Strict):
     uploads: UploadSpec | None = None
     markers: MarkersSpec | None = None
     destinations: DestinationsSpec | None = None
+    approvals: ApprovalsSpec | None = None
+    notifications: NotificationsSpec | None = None
     ut1_exclusions: Annotated[list[ExclusionSpec], AfterValidator(_unique_hosts)] | None = None
 
 
@@ -441,6 +452,11 @@ class Policy:
     raw_tcp: HostIndex = field(default_factory=HostIndex)  # where non-HTTP tunnels may go
     stats: dict[str, CategoryStats] = field(default_factory=dict)
     ut1_excluded: tuple[str, ...] = ()  # UT1 entries not loaded (``ut1_exclusions``)
+    approvals: ApprovalRules = field(default_factory=ApprovalRules)  # none: nothing lifts
+    # Who hears of exception requests and decisions (none: nobody), with the secrets its
+    # files hold, read once when the policy loads.
+    notifications: NotificationsSpec | None = None
+    notify_credentials: Credentials | None = None
 
     def summary(self) -> str:
         parts = [
@@ -539,7 +555,15 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     for path, spec, root in parsed:
         if spec.destinations is not None and "destinations" not in single:  # a second: below
             destinations = _compile_destinations(spec.destinations, path, root)
-        for section in ("settings", "uploads", "markers", "destinations", "ut1_exclusions"):
+        for section in (
+            "settings",
+            "uploads",
+            "markers",
+            "destinations",
+            "ut1_exclusions",
+            "approvals",
+            "notifications",
+        ):
             value = getattr(spec, section)
             if value is None:
                 continue
@@ -593,6 +617,25 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
     settings: SettingsSpec = single.get("settings", (SettingsSpec(), ""))[0]
     uploads: UploadSpec = single.get("uploads", (UploadSpec(), ""))[0]
     markers: MarkersSpec = single.get("markers", (MarkersSpec(), ""))[0]
+    approvals: ApprovalsSpec | None = single.get("approvals", (None, ""))[0]
+    if approvals is not None:  # a misspelt category or level must not go unnoticed
+        at, at_root = next((p, r) for p, s, r in parsed if s.approvals is not None)
+        categories = {name for name, *_ in pending} | set(cat_action) | set(cat_reason)
+        unknown = approvals.unknown_names(categories, {lv.id for lv in markers.levels})
+        if unknown:
+            raise PolicyError(
+                [
+                    f"{at}:{_line_of(at_root, loc)}: {'.'.join(map(str, loc))}: {msg}"
+                    for loc, msg in unknown
+                ]
+            )
+    notifications: NotificationsSpec | None = single.get("notifications", (None, ""))[0]
+    credentials = None
+    if notifications is not None and notifications.enabled:
+        try:  # a missing or empty secret file is an error now, not at the first message
+            credentials = load_credentials(notifications, Path(directory))
+        except NotifyConfigError as e:
+            raise PolicyError([f"{single['notifications'][1]}: notifications: {e}"]) from None
     exclusions: list[ExclusionSpec] = single.get("ut1_exclusions", ([], ""))[0]
     excluded_hosts = {e.host for e in exclusions}
     excluded: list[str] = []
@@ -655,6 +698,9 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
         retention_months=settings.retention_months,
         stats={name: CategoryStats(*counts) for name, counts in sorted(stats.items())},
         ut1_excluded=tuple(excluded),
+        approvals=compile_approvals(approvals) if approvals is not None else ApprovalRules(),
+        notifications=notifications,
+        notify_credentials=credentials,
     )
 
 

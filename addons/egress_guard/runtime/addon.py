@@ -1,9 +1,10 @@
 """The addon mitmproxy sees, and the mitmproxy addons it runs beside.
 
 ``EgressGuard`` is one addon whose hooks are written out below, each calling the concern
-adapters in the order the gateway's decisions need: Identity (who) → Blocklist (may this
-destination be reached) → Uploads (byte caps) → Markers (secret markings) → Audit (the row,
-last, so it records what the others decided). Only the methods written here are hooks: an
+adapters in the order the gateway's decisions need: Identity (who) → Portal (the gateway's own
+exception-request host, answered here) → Blocklist (may this destination be reached) →
+Uploads (byte caps) → Markers (secret markings) → Audit (the row, last, so it records what
+the others decided). Only the methods written here are hooks: an
 adapter's public method never becomes one by accident.
 
 Why one addon: mitmproxy wraps every call of every addon's hook in its own error-handling
@@ -28,6 +29,7 @@ from .adapters.audit import Audit
 from .adapters.blocklist import Blocklist
 from .adapters.identity import Identity
 from .adapters.markers import Markers
+from .adapters.portal import Portal
 from .adapters.uploads import Uploads
 from .gateway import Gateway
 from .protocol_errors import ProtocolErrorData
@@ -45,6 +47,7 @@ class EgressGuard:
     def __init__(self, gateway: Gateway):
         self.setup = Setup(gateway)
         self.identity = Identity(gateway)
+        self.portal = Portal(gateway)
         self.blocklist = Blocklist(gateway)
         self.uploads = Uploads(gateway)
         self.markers = Markers(gateway)
@@ -66,6 +69,7 @@ class EgressGuard:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.identity.client_disconnected(client)
+        self.blocklist.client_disconnected(client)
 
     # --- CONNECT and the layers inside a tunnel ---
 
@@ -97,6 +101,8 @@ class EgressGuard:
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         self.identity.requestheaders(flow)
+        if self.portal.requestheaders(flow):
+            return None  # the gateway's own portal host: answered here, never forwarded
         lookup = self.blocklist.requestheaders(flow)  # a coroutine when a name must be resolved
         if lookup is None:
             self._after_destination(flow)
@@ -113,6 +119,9 @@ class EgressGuard:
         """The body is complete and held, nothing of it forwarded: its verdict (a coroutine
         when there is something to scan; None keeps the hot path free of one). The caps were
         counted as it arrived."""
+        if self.portal.request(flow):
+            return None
+        self.uploads.request(flow)
         return self.markers.request(flow)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tornado.template import Loader
 
+from .portal import DURATIONS, FORM_ACTION, PORTAL_HOST  # the portal answers the form
+
 _TEMPLATES = Loader(str(Path(__file__).with_name("templates")), autoescape="xhtml_escape")
 
 
@@ -32,6 +34,7 @@ class Refusal:
     request_id: str
     when: datetime  # aware; shown in the gateway's local time
     details: tuple[tuple[str, str], ...] = ()  # extra (label, value) rows, e.g. cap and size
+    form: tuple[tuple[str, str], ...] = ()  # the signed fields of an exception request form
 
 
 _CSS = """
@@ -59,7 +62,9 @@ def render(refusal: Refusal) -> bytes:
         ("请求编号 Request ID", r.request_id),
         *r.details,
     ]
-    return _TEMPLATES.load("blockpage.html").generate(r=r, rows=rows, css=_CSS)
+    return _TEMPLATES.load("blockpage.html").generate(
+        r=r, rows=rows, css=_CSS, form=dict(r.form), form_action=FORM_ACTION, durations=DURATIONS
+    )
 
 
 def headers(refusal: Refusal) -> dict[str, str]:
@@ -67,7 +72,9 @@ def headers(refusal: Refusal) -> dict[str, str]:
         "Content-Type": "text/html; charset=utf-8",
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+        "Content-Security-Policy": (
+            f"default-src 'none'; style-src 'unsafe-inline'; form-action https://{PORTAL_HOST}"
+        ),
         "X-Egress-Guard-Request-Id": refusal.request_id,
         "X-Egress-Guard-Rule": refusal.rule_id,
     }

@@ -20,6 +20,7 @@ from egress_guard.core.scan import Verdict
 from egress_guard.core.upload import CapHit, Limits, UploadGate, describe
 
 from . import blockpage
+from .portal import Portal, RequestForm, requester_of
 
 log = logging.getLogger("egress_guard")
 
@@ -34,6 +35,9 @@ class FlowState:
     decision: Decision
     logged: bool = False
     limits: Limits | None = None  # upload caps in force for this flow
+    base_limits: Limits | None = None  # the policy's caps, before any exception raised them
+    upload_exception: str = ""  # an approved upload exception in force for this flow
+    window_before: int = 0  # the user's window when this request began
     gate: UploadGate | None = None  # set when the body (or tunnel) is counted as it streams
     declared: int | None = None  # Content-Length as announced
     window_bytes: int = 0  # bytes this flow put into the user's upload window
@@ -88,6 +92,27 @@ def header_bytes(message: http.Message, first_line: int) -> int:
     return first_line + sum(len(k) + len(v) + 4 for k, v in message.headers.fields) + 2
 
 
+def request_form(
+    portal: Portal | None, flow: http.HTTPFlow, state: FlowState, control: str, now: float
+) -> tuple[tuple[str, str], ...]:
+    """The signed fields of the block page's exception request form: what would be lifted
+    (``control``) for this destination, for the identity the proxy knows; none when there is
+    no portal."""
+    if portal is None:
+        return ()
+    d = state.decision
+    form = RequestForm(
+        request_id=flow.id,
+        requester=requester_of(state.who.user, client_ip(flow.client_conn)),
+        control=control,
+        host=d.host or normalize_host(flow.request.host),
+        rule_id=d.rule_id,
+        category=d.category,
+        issued=int(now),
+    )
+    return tuple(portal.form(form).items())
+
+
 def refusal_response(
     flow: http.HTTPFlow,
     state: FlowState,
@@ -96,8 +121,10 @@ def refusal_response(
     titles: tuple[str, str],
     reasons: tuple[str, str],
     details: tuple[tuple[str, str], ...] = (),
+    form: tuple[tuple[str, str], ...] = (),
 ) -> http.Response:
-    """The block page for this flow: titles and reasons as (en, zh)."""
+    """The block page for this flow: titles and reasons as (en, zh); ``form`` the signed
+    fields of an exception request, when one can lift the refusal."""
     d = state.decision
     refusal = blockpage.Refusal(
         status=status,
@@ -113,13 +140,17 @@ def refusal_response(
         request_id=flow.id,
         when=datetime.fromtimestamp(now, UTC),
         details=details,
+        form=form,
     )
     return http.Response.make(status, blockpage.render(refusal), blockpage.headers(refusal))
 
 
-def blocked_response(flow: http.HTTPFlow, state: FlowState, now: float) -> http.Response:
+def blocked_response(
+    flow: http.HTTPFlow, state: FlowState, now: float, portal: Portal | None = None
+) -> http.Response:
     rule = state.decision.rule
     assert rule is not None
+    liftable = state.decision.reason_kind == "blocklist"  # not the gateway's own refusals
     return refusal_response(
         flow,
         state,
@@ -127,10 +158,13 @@ def blocked_response(flow: http.HTTPFlow, state: FlowState, now: float) -> http.
         403,
         ("Access blocked by company policy", "根据公司规定，已阻止访问"),
         (rule.reason.en, rule.reason.zh),
+        form=request_form(portal, flow, state, "block", now) if liftable else (),
     )
 
 
-def cap_response(flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float) -> http.Response:
+def cap_response(
+    flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float, portal: Portal | None = None
+) -> http.Response:
     window = state.limits.window_seconds if state.limits else 86400
     en, zh = describe(hit, window)
     return refusal_response(
@@ -148,6 +182,7 @@ def cap_response(flow: http.HTTPFlow, state: FlowState, hit: CapHit, now: float)
             ("本次 This upload", f"{hit.size:,} bytes"),
             ("窗口已用 Used in window", f"{hit.used:,} bytes"),
         ),
+        form=request_form(portal, flow, state, "upload", now),
     )
 
 
@@ -167,7 +202,11 @@ def audit_unavailable_response(flow: http.HTTPFlow, state: FlowState, now: float
 
 
 def marker_response(
-    flow: http.HTTPFlow, state: FlowState, verdict: Verdict, now: float
+    flow: http.HTTPFlow,
+    state: FlowState,
+    verdict: Verdict,
+    now: float,
+    portal: Portal | None = None,
 ) -> http.Response:
     """The refusal for a marked (or unscannable) upload: level and marker id, never the text."""
     if verdict.hits and any(h.action == "block" for h in verdict.hits):
@@ -191,4 +230,11 @@ def marker_response(
         ("Upload blocked: confidential content", "已阻止外发：内容涉密"),
         reasons,
         (("级别 Level", verdict.level or "-"),),
+        form=request_form(
+            portal,
+            flow,
+            state,
+            f"marker:{verdict.level}" if verdict.level else "unscannable",
+            now,
+        ),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -18,20 +19,28 @@ from typing import Any
 
 from egress_guard import metrics
 from egress_guard.console import app as console
+from egress_guard.console import exception_ops
 from egress_guard.console.accounts import AccountBook, accounts_path
+from egress_guard.core.exceptions import ActiveExceptions, Event
 from egress_guard.core.policy import Policy, PolicyWatcher, load_policy
 from egress_guard.core.upload import UploadWindows
+from egress_guard.notify import ExceptionNotice, Notifier
 from egress_guard.requestlog.auditlog import AuditLog, RequestRow
+from egress_guard.requestlog.exception_snapshot import ExceptionBook, ExceptionSnapshot
 from egress_guard.requestlog.spool import Spool
 from egress_guard.requestlog.store import Store, describe_dsn
 
+from .background import DaemonExecutor
 from .flows import FlowState
 from .heldbody import HoldSpec
+from .portal import Portal as PortalService
+from .portal import load_key
 from .resolver import Destinations
 from .scanpool import ScanPool
 from .settings import GatewayConfig, parse_listen
 
 log = logging.getLogger("egress_guard")
+NO_EXCEPTIONS = ActiveExceptions()
 
 
 def quiet_cancelled_clients(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -66,11 +75,16 @@ class Gateway:
         self.scans = ScanPool()
         self.destinations = Destinations(clock)
         self._hold: HoldSpec | None = None
+        self.book: ExceptionBook | None = None  # approved exceptions: events, snapshot, store
+        self.portal: PortalService | None = None  # employees' exception requests
+        self.notifier: Notifier | None = None  # the policy's notifications, sent in background
         self._servers: list[Any] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._remote_task: asyncio.Task[None] | None = None
         self._accounts_task: asyncio.Task[None] | None = None
+        self._exceptions_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._notify_source: tuple[Any, Any] = (None, None)
 
     @property
     def started(self) -> bool:
@@ -90,6 +104,14 @@ class Gateway:
     @property
     def node(self) -> str:
         return self.config.node if self.config else ""
+
+    @property
+    def exceptions(self) -> ActiveExceptions:
+        """The exceptions in force, swapped whole by the book (read without a lock)."""
+        return self.book.active if self.book is not None else NO_EXCEPTIONS
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     # --- lifecycle ---
 
@@ -131,6 +153,24 @@ class Gateway:
         self.hold.prepare()
         if self.store.schema_ready:
             self._seed_windows()
+        self.book = ExceptionBook(
+            ExceptionSnapshot(config.data_dir / "exceptions.snapshot"),
+            self.store,
+            clock=self.now_ms,
+            node=config.node,
+            on_error=lambda e: log.error("exceptions: %s", e),
+        )
+        self.book.start()  # the last known set, from disk: honoured (and expired) without a store
+        self.portal = PortalService(
+            load_key(config.data_dir / "portal-key"),
+            self.clock,
+            lambda: self.book,
+            lambda: self.policy.approvals,
+            notify=self._notify_request,
+        )
+        metrics.EXCEPTIONS_ACTIVE.set_function(
+            lambda: self.exceptions.count_in_force(self.now_ms())
+        )
         self.audit.start()
         kind = "embedded" if self.store.embedded else "server"
         return [
@@ -149,6 +189,9 @@ class Gateway:
         # shorter switch interval than CPython's 5 ms keeps a busy writer from holding a
         # request up for a whole interval.
         sys.setswitchinterval(0.0005)
+        # Background calls (store refreshes, the console's queries) on daemon threads: one
+        # stuck in a hung store must not keep a stopping gateway alive.
+        asyncio.get_running_loop().set_default_executor(DaemonExecutor())
         assert self.config is not None and self.store is not None
         lines = []
         own = [(str(a[0]), int(a[1])) for a in proxy_listeners]
@@ -166,12 +209,21 @@ class Gateway:
         if self.config.admin:
             host, port = parse_listen(self.config.admin, "--admin")
             token, created = console.ensure_admin_token(self.config.data_dir)
+
             console_ctx = console.ConsoleContext(
                 bootstrap_token=token,
                 accounts=AccountBook(accounts_path(self.config.data_dir)),
                 store=self.store,
                 status=self.status,
                 node=self.node,
+                # The approvers' workflow: this node's book, and the policy as it is now.
+                exceptions=self.book,
+                approval_rules=lambda: self.policy.approvals,
+                target_category=lambda target: console.category_of(self.policy, target),
+                groups_of=lambda name: console.groups_of(self.policy, name),
+                notify=self.notify,
+                exception_history=self.store.exception_events,
+                wall_ms=self.now_ms,
             )
             tls = console.tls_context(confdir, self.config.data_dir, host)
             self._servers.append(console.serve(console_ctx, host, port, tls))
@@ -188,6 +240,7 @@ class Gateway:
         if self.policy.markers.active:
             self.scans.warm()
         self._watch_task = loop.create_task(self._watch_policy())
+        self._exceptions_task = loop.create_task(self._refresh_exceptions())
         if not self.store.embedded:  # other nodes may write to a shared server
             self._remote_task = loop.create_task(self._refresh_remote_windows())
         return lines
@@ -198,7 +251,14 @@ class Gateway:
             return
         self._stopped = True
         self.scans.shutdown()
-        for task in (self._watch_task, self._remote_task, self._accounts_task):
+        if self.notifier is not None:  # what is waiting gets one more attempt
+            self.notifier.close(timeout=5.0)
+        for task in (
+            self._watch_task,
+            self._remote_task,
+            self._accounts_task,
+            self._exceptions_task,
+        ):
             if task:
                 task.cancel()
         for server in self._servers:
@@ -240,6 +300,20 @@ class Gateway:
         for key, second, n in self.store.window_usage(self._window_start(), self.node, own=True):
             self.windows.add(key, n, at=second)
 
+    EXCEPTIONS_REFRESH = 2.0  # seconds: nodes sharing a store see each other's within 5 s
+
+    async def _refresh_exceptions(self) -> None:
+        """Pull what other nodes recorded, push what this node could not send yet, and let
+        expiry bite: the book rebuilds its active set at each refresh and at each expiry."""
+        assert self.book is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.EXCEPTIONS_REFRESH)
+            try:
+                await loop.run_in_executor(None, self.book.refresh)
+            except Exception:  # never let the refresh die: expiry must go on biting
+                log.exception("exceptions refresh crashed")
+
     async def _refresh_remote_windows(self, every: float = 30.0) -> None:
         """Multi-node: what the other nodes counted, from the shared store (≤ 30 s + their
         flush interval behind; documented as at most a minute)."""
@@ -269,6 +343,41 @@ class Gateway:
         metrics.POLICY_RULES.clear()
         for name, stats in policy.stats.items():
             metrics.POLICY_RULES.labels(name).set(stats.rules)
+        self._publish_notifications(policy)
+
+    def _publish_notifications(self, policy: Policy) -> None:
+        """A notifier for the policy's ``notifications`` section, replaced only when the
+        section or its secrets changed (the old one flushes on a thread of its own)."""
+        old = self.notifier
+        if old is not None and self._notify_source == (
+            policy.notifications,
+            policy.notify_credentials,
+        ):
+            return
+        self._notify_source = (policy.notifications, policy.notify_credentials)
+        self.notifier = Notifier(
+            policy.notifications,
+            count=metrics.count_notification,
+            depth=metrics.NOTIFICATION_QUEUE_DEPTH.set,
+            base_dir=Path(policy.source),
+            credentials=policy.notify_credentials,
+        )
+        if old is not None:
+            threading.Thread(
+                target=old.close, name="egress-guard-notify-close", daemon=True
+            ).start()
+
+    def notify(self, notice: ExceptionNotice) -> None:
+        """Queue a notice of the exception workflow; returns at once, never raises."""
+        if self.notifier is not None:
+            self.notifier.submit(notice)
+
+    def _notify_request(self, event: Event) -> None:
+        """An employee's request from the block page: its approvers hear of it."""
+        assert self.book is not None
+        state = self.book.states().get(event.exception_id)
+        outcome = exception_ops.Outcome("request", event.exception_id, state, event)
+        exception_ops.send_notice(self.notify, outcome)
 
     async def _watch_policy(self) -> None:
         assert self.config is not None and self.watcher is not None

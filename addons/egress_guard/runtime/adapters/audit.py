@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import uuid
 from collections.abc import Awaitable
 from concurrent.futures import Future
@@ -41,6 +42,18 @@ HEAD_COLUMNS = {
     "header:user-agent": "user_agent",
     "header:content-type": "content_type",
 }
+
+
+def _unescaped(text: str) -> str:
+    """A text and, when it holds backslash escapes (mitmproxy quotes a request line it could
+    not parse as ``b'GET /\\xe6…'``), what they stand for, decoded as UTF-8."""
+    if "\\x" not in text and "\\u" not in text:
+        return text
+    try:
+        raw = codecs.escape_decode(text.encode("utf-8", "backslashreplace"))[0]
+    except ValueError:  # a stray backslash: nothing escaped to look at
+        return text
+    return f"{text}\n{raw.decode('utf-8', 'replace')}"
 
 
 def path_and_query(target: str) -> dict[str, str]:
@@ -89,6 +102,8 @@ class Audit:
             reason_kind=decision.reason_kind or ("error" if error else ""),
             rule_id=decision.rule_id,
             category=decision.category,
+            exception_id=decision.exception_id,
+            connection_id=flow.client_conn.id,
             request_bytes=header_bytes(req, first_line) + body,
             upload_bytes=body,
             response_bytes=len(resp.raw_content) if resp and resp.raw_content else 0,
@@ -119,16 +134,24 @@ class Audit:
         marked query string, a path, a header, a file name in an error) is stored redacted.
         One pass over them all; a column at a time only when there is something."""
         markers = self.rt.policy.markers.markers
-        texts = [getattr(row, name) for name in REDACTABLE]
+        texts = [_unescaped(getattr(row, name)) for name in REDACTABLE]
         try:
             if not markers.markers or not markers.find("\n".join(texts)):
                 return row
             hits = [markers.find(text) for text in texts]
-        except TooManyCandidates:
-            hits = [{0}] * len(texts)  # built to stall the scanner: keep none of it
+        except TooManyCandidates:  # built to stall the scanner: keep none of it
+            for name in REDACTABLE:
+                setattr(row, name, REDACTED)
+            return row
         for name, found in zip(REDACTABLE, hits, strict=True):
             if found:
                 setattr(row, name, REDACTED)
+        if not row.marker_ids:  # e.g. a request mitmproxy refused that carried a marking
+            carried = markers.hits(set().union(*hits))
+            row.marker_ids = [h.marker_id for h in carried]
+            row.marker_levels = [h.level for h in carried]
+            if row.reason_kind in ("", "error") and carried:
+                row.reason_kind, row.rule_id = "marker", carried[0].marker_id
         return row
 
     def _finish(self, flow: http.HTTPFlow, kind: str = "http") -> Future[None] | None:
@@ -231,6 +254,8 @@ class Audit:
             reason_kind=decision.reason_kind or ("error" if error else ""),
             rule_id=decision.rule_id,
             category=decision.category,
+            exception_id=decision.exception_id,
+            connection_id=client.id,
             tls_intercepted=intercepted,
             error=bounded(error, "error"),
             duration_ms=max(0, int((self.rt.clock() - client.timestamp_start) * 1000)),
@@ -308,6 +333,7 @@ class Audit:
                 decision="block",
                 reason_kind="error",
                 tls_intercepted=client.tls_established,
+                connection_id=client.id,
                 error=bounded(data.reason, "error"),
             )
         )

@@ -5,12 +5,14 @@ start of a tunnel, at request headers and on every upstream connection."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from mitmproxy import http, tcp, tls
+from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import layers, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from egress_guard import metrics
 from egress_guard.core.decision import (
     Decision,
     RequestFacts,
@@ -21,6 +23,8 @@ from egress_guard.core.decision import (
     is_passthrough,
     needs_interception,
 )
+from egress_guard.core.exceptions import BLOCK
+from egress_guard.core.identity import identify
 
 from .. import bodygate
 from ..flows import (
@@ -28,6 +32,7 @@ from ..flows import (
     STATE,
     FlowState,
     blocked_response,
+    client_ip,
     request_hosts,
     tunnel_hosts,
 )
@@ -60,6 +65,12 @@ class Blocklist:
 
     def __init__(self, rt: Runtime):
         self.rt = rt
+        # client connection → (host, exception id) its last request passed by: the upstream
+        # connection opened for it is let through the last-line check below
+        self._excepted: dict[str, tuple[str, str]] = {}
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._excepted.pop(client.id, None)
 
     def _reachable(self, flow: http.HTTPFlow, host: str, port: int) -> Awaitable[None] | None:
         """Refuse a destination the gateway never forwards to: now when the answer is known
@@ -81,12 +92,32 @@ class Blocklist:
             state.decision = decide_destination(refusal, host)
 
     def _decide(self, flow: http.HTTPFlow, path: str | None) -> Decision:
+        """The blocklists' decision, recorded on the flow; an approved exception that lifts
+        the rule which blocks it lets it through (``exception``, its id on the row)."""
         state: FlowState = flow.metadata[STATE]
-        facts = RequestFacts(
-            request_hosts(flow), path, flow.request.method, state.who.user, state.who.groups
-        )
-        state.decision = decide(facts, self.rt.policy)
-        return state.decision
+        who = state.who
+        facts = RequestFacts(request_hosts(flow), path, flow.request.method, who.user, who.groups)
+        decision = decide(facts, self.rt.policy)
+        if decision.verdict == "block" and len(self.rt.exceptions):
+            found = self.rt.exceptions.find(
+                who.user,
+                who.groups,
+                client_ip(flow.client_conn),
+                BLOCK,
+                decision.host,
+                path,
+                decision.category,
+                decision.rule_id,
+                self.rt.now_ms(),
+            )
+            if found is not None:
+                metrics.EXCEPTION_USES.labels("block").inc()
+                self._excepted[flow.client_conn.id] = (decision.host, found.id)
+                decision = replace(
+                    decision, verdict="allow", reason_kind="exception", exception_id=found.id
+                )
+        state.decision = decision
+        return decision
 
     def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # A blocked CONNECT is still answered 200: the TLS session is then terminated here
@@ -168,6 +199,29 @@ class Blocklist:
             state.decision = refusal
             flow.server_conn.error = f"egress-guard: tunnel refused by rule {refusal.rule_id}"
 
+    def _lifted(self, client: connection.Client, decision: Decision) -> bool:
+        """Is a blocked connection's host let through by an exception: the one the client's
+        request just passed by, or one that covers the whole host for whoever this is."""
+        excepted = self._excepted.get(client.id)
+        if excepted is not None and excepted[0] == decision.host:
+            return True
+        if not len(self.rt.exceptions):
+            return False
+        tunnel = self.rt.tunnels.get(client.id)
+        who = tunnel.who if tunnel else identify(client_ip(client), None, self.rt.policy)
+        found = self.rt.exceptions.find(
+            who.user,
+            who.groups,
+            client_ip(client),
+            BLOCK,
+            decision.host,
+            None,
+            decision.category,
+            decision.rule_id,
+            self.rt.now_ms(),
+        )
+        return found is not None
+
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The blocklists, then whether the destination may be reached at all (a coroutine
         when its name must be resolved first); ``refuse`` carries the decision out."""
@@ -190,7 +244,8 @@ class Blocklist:
         contact and without reading its body."""
         state: FlowState = flow.metadata[STATE]
         if state.decision.verdict == "block" and flow.response is None:  # keep proxyauth's 407
-            bodygate.refuse_at_headers(flow, blocked_response(flow, state, self.rt.clock()))
+            refusal = blocked_response(flow, state, self.rt.clock(), self.rt.portal)
+            bodygate.refuse_at_headers(flow, refusal)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """The last line, on every upstream connection: the blocklists for its address and
@@ -202,7 +257,7 @@ class Blocklist:
             return
         host, port = server.address[0], server.address[1]
         decision = decide(RequestFacts((host, server.sni or ""), None), self.rt.policy)
-        if decision.verdict == "block":
+        if decision.verdict == "block" and not self._lifted(data.client, decision):
             server.error = f"egress-guard: {host} is blocked by rule {decision.rule_id}"
             return
         refusal, _ = await self.rt.destinations.check(host, port, self.rt.policy.destinations)

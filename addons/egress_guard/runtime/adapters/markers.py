@@ -19,11 +19,19 @@ from mitmproxy import http, websocket
 from egress_guard import metrics
 from egress_guard.core.channels import head_findings
 from egress_guard.core.decode import looks_binary
+from egress_guard.core.exceptions import UNSCANNABLE, ActiveException, Control
+from egress_guard.core.exceptions import marker as marker_control
 from egress_guard.core.hosts import normalize_host
-from egress_guard.core.scan import MarkerPolicy, ScanResult, StreamScanner, Verdict
+from egress_guard.core.scan import (
+    ACTION_RANK,
+    MarkerPolicy,
+    ScanResult,
+    StreamScanner,
+    Verdict,
+)
 
 from .. import bodygate
-from ..flows import STATE, FlowState, marker_response
+from ..flows import STATE, FlowState, client_ip, marker_response
 from ..heldbody import HeldBody
 
 if TYPE_CHECKING:
@@ -100,15 +108,44 @@ class Markers:
         found: set[int],
         unscannable: str = "",
     ) -> Verdict:
-        """What the policy says of what a scan found, for this user and destination."""
-        return policy.verdict(
-            found,
-            unscannable,
-            state.who.user,
-            state.who.groups,
-            normalize_host(flow.request.host),
-            state.decision.category,
-        )
+        """What the policy says of what a scan found, for this user and destination, with an
+        approved exception's lowered action in force for the levels (or the unscannable
+        verdict) it covers."""
+        host = normalize_host(flow.request.host)
+        who, category = state.who, state.decision.category
+        verdict = policy.verdict(found, unscannable, who.user, who.groups, host, category)
+        if verdict.action != "block" or not len(self.rt.exceptions):
+            return verdict
+
+        def lifted(control: Control) -> ActiveException | None:
+            return self.rt.exceptions.find(
+                who.user,
+                who.groups,
+                client_ip(flow.client_conn),
+                control,
+                host,
+                flow.request.path,
+                category,
+                state.decision.rule_id,
+                self.rt.now_ms(),
+            )
+
+        used = ""
+        hits = []
+        for hit in verdict.hits:
+            if hit.action == "block" and (ex := lifted(marker_control(hit.level))):
+                hit, used = replace(hit, action=ex.lowered_to), ex.id  # type: ignore[arg-type]
+            hits.append(hit)
+        rest = policy.verdict(set(), unscannable, who.user, who.groups, host, category).action
+        if rest == "block" and (ex := lifted(UNSCANNABLE)):
+            rest, used = ex.lowered_to, ex.id  # type: ignore[assignment]
+        action = max((h.action for h in hits), key=ACTION_RANK.__getitem__, default="")
+        action = max(action, rest, key=ACTION_RANK.__getitem__)
+        if not used or action == "block":
+            return verdict  # lifted nothing that decides: the request does not pass by it
+        control = "unscannable" if tuple(hits) == verdict.hits else "marker"
+        metrics.EXCEPTION_USES.labels(control).inc()
+        return replace(verdict, action=action, hits=tuple(hits), exception_id=used)  # type: ignore[arg-type]
 
     def apply(
         self, flow: http.HTTPFlow, state: FlowState, verdict: Verdict
@@ -130,9 +167,15 @@ class Markers:
             metrics.MARKER_ALERTS.labels(verdict.level).inc()
         else:
             kind = state.decision.verdict
-        state.decision = replace(state.decision, verdict=kind, reason_kind="marker", scan=verdict)
+        state.decision = replace(
+            state.decision,
+            verdict=kind,
+            reason_kind="marker",
+            scan=verdict,
+            exception_id=verdict.exception_id or state.decision.exception_id,
+        )
         if kind == "block":
-            return marker_response(flow, state, verdict, self.rt.clock())
+            return marker_response(flow, state, verdict, self.rt.clock(), self.rt.portal)
         return None
 
     def _judge(self, flow: http.HTTPFlow, state: FlowState, result: ScanResult) -> None:
@@ -143,10 +186,12 @@ class Markers:
         if state.head is not None:
             found = found | state.head.markers
             unscannable = unscannable or state.head.unscannable
-        if flow.request.trailers:
-            trailers = flow.request.trailers.items(multi=True)
-            fields = "\n".join(f"{name}: {value}" for name, value in trailers)
-            found = found | self.rt.policy.markers.markers.find(fields)
+        if flow.request.trailers:  # decoded as a server would a header (percent, base64…)
+            trailers = head_findings(
+                self.rt.policy.markers.markers, "", flow.request.trailers.items(multi=True)
+            )
+            found = found | trailers.markers
+            unscannable = unscannable or trailers.unscannable
         verdict = self.verdict(flow, state, self.rt.policy.markers, found, unscannable)
         refusal = self.apply(flow, state, verdict)
         if refusal is not None:

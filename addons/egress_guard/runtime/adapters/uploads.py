@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http, tcp
 
+from egress_guard import metrics
+from egress_guard.core.exceptions import UPLOAD, raised_limits
 from egress_guard.core.hosts import normalize_host
 from egress_guard.core.upload import CapHit, Limits, UploadGate, check, limits_for
 
 from .. import bodygate
-from ..flows import PASSTHROUGH, STATE, FlowState, cap_response, window_key
+from ..flows import PASSTHROUGH, STATE, FlowState, cap_response, client_ip, window_key
 from ..heldbody import HeldBody
 
 if TYPE_CHECKING:
@@ -43,30 +45,68 @@ class Uploads:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def _limits(self, state: FlowState, host: str) -> Limits:
+    def _limits(self, flow: http.HTTPFlow | tcp.TCPFlow, state: FlowState, host: str) -> Limits:
+        """The caps in force: the policy's, raised to exactly what an approved upload
+        exception grants (kept on the flow, to tell whether a request needed it)."""
         who = state.who
-        return limits_for(
+        base = limits_for(
             self.rt.policy.uploads, who.user, who.groups, host, state.decision.category
+        )
+        state.base_limits = base
+        if not len(self.rt.exceptions):
+            return base
+        path = flow.request.path if isinstance(flow, http.HTTPFlow) else None
+        found = self.rt.exceptions.find(
+            who.user,
+            who.groups,
+            client_ip(flow.client_conn),
+            UPLOAD,
+            host,
+            path,
+            state.decision.category,
+            state.decision.rule_id,
+            self.rt.now_ms(),
+        )
+        if found is None:
+            return base
+        state.upload_exception = found.id
+        return raised_limits(base, found)
+
+    def _passed_by_exception(self, state: FlowState, size: int, window_before: int) -> None:
+        """A request within the raised caps that the policy's own would have refused passed
+        only because of the exception: its id goes on the row, and it is counted."""
+        if not state.upload_exception or state.base_limits is None:
+            return
+        if check(state.base_limits, size, window_before) is None:
+            return
+        metrics.EXCEPTION_USES.labels("upload").inc()
+        decision = state.decision
+        state.decision = replace(
+            decision,
+            exception_id=state.upload_exception,
+            reason_kind=decision.reason_kind or "exception",
         )
 
     def _refuse(self, flow: http.HTTPFlow, state: FlowState, hit: CapHit) -> http.Response:
         state.decision = replace(state.decision, verdict="block", reason_kind="upload_cap", cap=hit)
-        return cap_response(flow, state, hit, self.rt.clock())
+        return cap_response(flow, state, hit, self.rt.clock(), self.rt.portal)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is None or flow.response is not None:  # already refused
             return
-        limits = state.limits = self._limits(state, normalize_host(flow.request.host))
+        limits = state.limits = self._limits(flow, state, normalize_host(flow.request.host))
         key = window_key(state.who, flow.client_conn)
         declared = state.declared = bodygate.declared_length(flow.request)
         windows = self.rt.windows
         reserved = 0
+        state.window_before = windows.used(key)
         if declared:
-            hit = check(limits, declared, windows.used(key) if limits.per_user is not None else 0)
+            hit = check(limits, declared, state.window_before if limits.per_user is not None else 0)
             if hit is not None:
                 bodygate.refuse_at_headers(flow, self._refuse(flow, state, hit))
                 return
+            self._passed_by_exception(state, declared, state.window_before)
             if limits.per_user is not None:
                 windows.add(key, declared)
                 state.window_bytes = reserved = declared
@@ -75,6 +115,14 @@ class Uploads:
             state.gate = UploadGate(limits, windows, key, reserved)
             refuse = CapGate(state.gate, lambda hit: self._refuse(flow, state, hit))
             bodygate.add_gate(flow, refuse, self.rt.hold)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A held body is complete and within the caps in force: did it need an exception?"""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.gate is None or flow.response is not None:
+            return
+        if not state.declared:  # an announced size was judged at the headers
+            self._passed_by_exception(state, state.gate.seen, state.window_before)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
@@ -105,7 +153,7 @@ class Uploads:
         if state.decision.verdict == "block":
             return  # refused before it opens (blocklist): nothing to count
         host = normalize_host(flow.server_conn.address[0]) if flow.server_conn.address else ""
-        state.limits = limits = self._limits(state, host)
+        state.limits = limits = self._limits(flow, state, host)
         if flow.metadata.get(PASSTHROUGH):
             # A pinned app's TLS session is many requests: only the user's window applies,
             # not the per-request cap.
