@@ -364,13 +364,25 @@ def account_list(data_dir: Path) -> None:
 # --- audit -----------------------------------------------------------------------------------
 
 
-def _admin_get(
-    admin: str, token: str, path: str, params: dict[str, str], ca_cert: Path | None
+def _admin_call(
+    admin: str,
+    token: str,
+    path: str,
+    ca_cert: Path | None,
+    *,
+    params: dict[str, str] | None = None,
+    body: Any = None,
 ) -> tuple[dict[str, str], bytes]:
-    """(headers, body) of a GET to the admin API, or a ClickException saying what went wrong."""
+    """(headers, body) of a GET (or, with ``body``, a JSON POST) to the admin API, or a
+    ClickException saying what went wrong."""
     base = admin if "://" in admin else f"https://{admin}"
-    url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    url = f"{base.rstrip('/')}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers)
     context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
     try:
         with urllib.request.urlopen(req, timeout=300, context=context) as resp:
@@ -390,32 +402,12 @@ def _admin_get(
 def _admin_request(
     admin: str, token: str, path: str, params: dict[str, str], ca_cert: Path | None
 ) -> Any:
-    return json.loads(_admin_get(admin, token, path, params, ca_cert)[1])
+    return json.loads(_admin_call(admin, token, path, ca_cert, params=params)[1])
 
 
 def _admin_post(admin: str, token: str, path: str, body: Any, ca_cert: Path | None) -> Any:
     """POST a JSON body to the admin API; its JSON answer, or a ClickException."""
-    base = admin if "://" in admin else f"https://{admin}"
-    req = urllib.request.Request(
-        f"{base.rstrip('/')}{path}",
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
-    try:
-        with urllib.request.urlopen(req, timeout=300, context=context) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.load(e).get("error", e.reason)
-        except (ValueError, AttributeError):
-            message = e.reason
-        raise click.ClickException(f"admin API answered {e.code}: {message}") from None
-    except urllib.error.URLError as e:
-        raise click.ClickException(
-            f"cannot reach the admin API at {base}: {e.reason} (is `egress-guard run` up?)"
-        ) from None
+    return json.loads(_admin_call(admin, token, path, ca_cert, body=body)[1])
 
 
 def _ca_cert(ca_cert: Path | None, data_dir: Path) -> Path | None:
@@ -542,7 +534,9 @@ def audit_export(
 ) -> None:
     """Export rows as evidence: the gateway's canonical CSV, hashed, the hash kept in its log."""
     params = {k: str(v) for k, v in filters.items() if v is not None}
-    headers, body = _admin_get(admin, token, "/api/v1/export", params, _ca_cert(ca_cert, data_dir))
+    headers, body = _admin_call(
+        admin, token, "/api/v1/export", _ca_cert(ca_cert, data_dir), params=params
+    )
     sha256 = evidence.digest(body)
     if sha256 != headers.get("x-egress-guard-sha256"):
         raise click.ClickException("the export arrived damaged: its hash does not match")

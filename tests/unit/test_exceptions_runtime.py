@@ -1,6 +1,7 @@
 """Approved exceptions in the decision path, in process: a blocklist rule lifted for one user
 until the exact millisecond of expiry, an upload cap raised to exactly the granted size, a
-marker level lowered — each request that passed by one carrying its id on the row."""
+marker level lowered, a pass-through tunnel opened for one client network, WebSocket messages
+held to the raised cap — each request that passed by one carrying its id on the row."""
 
 import asyncio
 
@@ -129,3 +130,67 @@ def test_a_lowered_marker_level_forwards_as_an_alert(tmp_path):
         "alert",
         ex.id,
     ) and "trade_secret" in row.marker_levels
+
+
+def test_a_tunnel_to_a_lifted_host_opens_for_its_subject_only(tmp_path):
+    """A pass-through tunnel (a pinned app) is never seen as requests: the CONNECT is decided
+    by the exception, and so is the upstream connection's last-line check."""
+    from test_reach import resolving_to, server_hook
+
+    ex = ActiveException(
+        "ex-client-tunnel",
+        Subject.client("10.0.0.5/32"),
+        BLOCK,
+        Target.for_host("mail.qq.com"),
+        1_800_000_000_000,
+        1_800_000_000_000 + 3_600_000,
+    )
+    rt = runtime(tmp_path, ex)
+    rt.destinations.resolve, _ = resolving_to("93.184.216.34")
+    guard = EgressGuard(rt)
+    connect = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="mail.qq.com", port=443))
+    connect.client_conn.peername = ("10.0.0.5", 5000)
+    pending = guard.http_connect(connect)
+    if pending is not None:
+        asyncio.run(pending)
+    decision = connect.metadata[STATE].decision
+    assert (decision.verdict, decision.exception_id) == ("allow", ex.id)
+
+    ours = server_hook("mail.qq.com")  # from 10.0.0.5
+    asyncio.run(guard.server_connect(ours))
+    assert ours.server.error is None
+    other = server_hook("mail.qq.com")
+    other.client.peername = ("10.0.0.6", 5000)
+    asyncio.run(guard.server_connect(other))
+    assert other.server.error and "webmail.qq-mail" in other.server.error
+    rt.now = ex.expiry_ms / 1000
+    late = server_hook("mail.qq.com")
+    asyncio.run(guard.server_connect(late))
+    assert late.server.error and "blocked" in late.server.error
+
+
+def test_websocket_messages_are_held_to_the_raised_cap(tmp_path):
+    from mitmproxy.websocket import WebSocketData
+    from wsproto.frame_protocol import Opcode
+
+    ex = lift(UPLOAD, Target.for_host("ws.example.org"), grant=UploadGrant(per_request=20 * MiB))
+    guard = EgressGuard(runtime(tmp_path, ex))
+
+    def session(user):
+        flow = request_as(guard, user, "ws.example.org")
+        assert flow.response is None
+        flow.websocket = WebSocketData()
+        return flow
+
+    def send(flow, size):
+        from mitmproxy.websocket import WebSocketMessage
+
+        message = WebSocketMessage(Opcode.BINARY, True, b"x" * size)
+        flow.websocket.messages.append(message)
+        guard.websocket_message(flow)
+        return message
+
+    alice, bob = session("alice"), session("bob")
+    assert not send(alice, 15 * MiB).dropped  # over the 10 MiB cap, within the grant
+    assert send(alice, 25 * MiB).dropped  # over the grant: cut
+    assert send(bob, 15 * MiB).dropped  # bob has no exception

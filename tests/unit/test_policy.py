@@ -244,3 +244,41 @@ def test_the_default_policy_is_the_shipped_one():
 
     assert default_policy_dir().resolve() == POLICIES.resolve()
     assert load_policy(default_policy_dir()).stats["webmail"].rules > 10
+
+
+NOTIFY = """\
+categories: {{}}
+notifications:
+  smtp:
+    host: mail.corp.example
+    from: egress-guard@corp.example
+    username: egress-guard
+    password_file: {password}
+  approvers: {{email: [security@corp.example]}}
+"""
+
+
+def test_notifications_read_their_secrets_when_the_policy_loads(tmp_path):
+    (tmp_path / "notify.yaml").write_text(NOTIFY.format(password="smtp-password"))
+    (tmp_path / "smtp-password").write_text("s3cret\n")  # relative: from the policy directory
+    policy = load_policy(tmp_path)
+    assert policy.notifications is not None
+    assert policy.notifications.approvers.email == ("security@corp.example",)
+    assert policy.notify_credentials.smtp_password == "s3cret"
+    assert "s3cret" not in repr(policy)  # never printed by accident
+
+
+def test_a_notification_secret_that_cannot_be_read_names_file_and_line(tmp_path):
+    (tmp_path / "notify.yaml").write_text(NOTIFY.format(password="missing-file"))
+    (problem,) = problems(tmp_path)
+    assert problem.startswith(f"{tmp_path / 'notify.yaml'}:7: notifications:")  # the field
+    assert "smtp.password_file" in problem and "cannot be read" in problem
+
+
+def test_a_notification_field_out_of_its_choices_is_refused_with_its_line(tmp_path):
+    text = NOTIFY.format(password="p").replace(
+        "  approvers:", "  webhook: {kind: teams, url: x}\n  approvers:"
+    )
+    (tmp_path / "notify.yaml").write_text(text)
+    found = problems(tmp_path)
+    assert any("notify.yaml:" in p and "notifications.webhook.kind" in p for p in found), found

@@ -635,7 +635,10 @@ def load_policy(directory: str | os.PathLike[str]) -> Policy:
         try:  # a missing or empty secret file is an error now, not at the first message
             credentials = load_credentials(notifications, Path(directory))
         except NotifyConfigError as e:
-            raise PolicyError([f"{single['notifications'][1]}: notifications: {e}"]) from None
+            # The message starts with the field (smtp.password_file …): point at its line.
+            at, at_root = next((p, r) for p, s, r in parsed if s.notifications is not None)
+            loc = ["notifications", *str(e).split(" ", 1)[0].split(".")]
+            raise PolicyError([f"{at}:{_line_of(at_root, loc)}: notifications: {e}"]) from None
     exclusions: list[ExclusionSpec] = single.get("ut1_exclusions", ([], ""))[0]
     excluded_hosts = {e.host for e in exclusions}
     excluded: list[str] = []

@@ -163,37 +163,45 @@ def _requests_ddl() -> str:
     )
 
 
-def _console_events_ddl() -> str:
-    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in CONSOLE_EVENT_COLUMNS)
+def _event_table_ddl(
+    table: str,
+    columns: Sequence[tuple[str, str]],
+    order_by: str,
+    *,
+    extra: str = "",
+    dedup: bool = True,
+) -> str:
+    """An append-only event table kept as long as the request log, month-partitioned. ``dedup``:
+    a retried insert of the same block is dropped (events are sent again after a failure)."""
+    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in columns)
+    settings = "ttl_only_drop_parts = 1" + (
+        ", non_replicated_deduplication_window = 10000" if dedup else ""
+    )
     return (
-        f"CREATE TABLE IF NOT EXISTS console_events (\n  {cols}\n)\n"
-        "ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, actor)\n"
+        f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}{extra}\n)\n"
+        f"ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\nORDER BY ({order_by})\n"
         f"TTL toDateTime(ts) + INTERVAL {RETENTION_MIN_MONTHS} MONTH\n"
-        "SETTINGS ttl_only_drop_parts = 1"
+        f"SETTINGS {settings}"
     )
 
 
+def _console_events_ddl() -> str:
+    return _event_table_ddl("console_events", CONSOLE_EVENT_COLUMNS, "ts, actor", dedup=False)
+
+
 def _exception_events_ddl() -> str:
-    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in EXCEPTION_EVENT_COLUMNS)
     # inserted_at is the server's clock: nodes pull what was inserted since they last looked,
     # whatever the clocks of the nodes that recorded it.
-    return (
-        f"CREATE TABLE IF NOT EXISTS exception_events (\n  {cols},\n"
-        "  `inserted_at` DateTime64(3, 'UTC') DEFAULT now64(3)\n)\n"
-        "ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\nORDER BY (exception_id, ts, event_id)\n"
-        f"TTL toDateTime(ts) + INTERVAL {RETENTION_MIN_MONTHS} MONTH\n"
-        "SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000"
+    return _event_table_ddl(
+        "exception_events",
+        EXCEPTION_EVENT_COLUMNS,
+        "exception_id, ts, event_id",
+        extra=",\n  `inserted_at` DateTime64(3, 'UTC') DEFAULT now64(3)",
     )
 
 
 def _incident_events_ddl() -> str:
-    cols = ",\n  ".join(f"`{name}` {ctype}" for name, ctype in INCIDENT_EVENT_COLUMNS)
-    return (
-        f"CREATE TABLE IF NOT EXISTS incident_events (\n  {cols}\n)\n"
-        "ENGINE = MergeTree\nPARTITION BY toYYYYMM(ts)\nORDER BY (request_id, ts, event_id)\n"
-        f"TTL toDateTime(ts) + INTERVAL {RETENTION_MIN_MONTHS} MONTH\n"
-        "SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000"
-    )
+    return _event_table_ddl("incident_events", INCIDENT_EVENT_COLUMNS, "request_id, ts, event_id")
 
 
 # The connection a tunnel row belongs to is in its request id; other rows get theirs from
