@@ -460,6 +460,28 @@ def test_a_file_sent_raw_under_the_form_label_is_read_as_the_file_and_as_the_for
     assert STAR in body_ids(gzip.compress(MARKED.encode()) + rng.randbytes(4096), form)
 
 
+def test_a_binary_keeps_every_run_a_marker_fits_in_and_drops_the_noise():
+    """In a binary, ASCII runs shorter than the shortest ASCII marker are dropped (random bytes
+    hold one every few bytes); a marker in ASCII, in CJK, or in ASCII with one look-alike
+    letter (Cyrillic о) between random bytes is still found."""
+    import random
+
+    from egress_guard.core.charsets import binary_runs
+
+    rng = random.Random(5)
+    noise = rng.randbytes(256 * 1024)
+    shortest = SHIPPED.shortest_ascii
+    assert 3 < shortest <= len("top secret")
+    assert len(binary_runs(noise, shortest)) < len(binary_runs(noise)) / 3
+    for marking, marker in (
+        ("CONFIDENTIAL", "en.confidential.label"),
+        ("t\u043ep secret", "en.top-secret.label"),
+        ("机密★", STAR),
+    ):
+        body = noise[:4096] + b"\x00" + marking.encode() + b"\x01" + noise[4096:]
+        assert marker in body_ids(body, "application/octet-stream"), marking
+
+
 def test_tar_archives_are_opened():
     inner = docx("正文", header="机密★5年")
     assert STAR in body_ids(tar_of({"a/report.docx": inner}), "application/x-tar")

@@ -54,6 +54,7 @@ from .charsets import (
     SAMPLE,
     UTF8_RUNS,
     all_plausible,
+    binary_runs,
     decode_as,
     looks_binary,
     readings,
@@ -404,8 +405,9 @@ _MULTIPART_START = re.compile(rb"--([^\r\n]{1,200}?)[ \t]*\r?\n(?=[A-Za-z-]+:)")
 
 
 class Walker:
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: Budget, ascii_run: int = 3):
         self.budget = budget
+        self.ascii_run = ascii_run  # a binary's ASCII runs shorter than this are noise
 
     def body(self, data: bytes, content_type: str, content_encoding: str) -> Iterator[str]:
         leftovers: list[bytes] = []
@@ -456,6 +458,8 @@ class Walker:
             yield from self.form(data, _param(content_type, "charset"), depth)
         else:
             for codec, skip, text in readings(data, _param(content_type, "charset")):
+                if codec == BINARY_RUNS:
+                    text = binary_runs(data, self.ascii_run)
                 text = decode_as(data, codec, skip) if text is None else text
                 if codec == BINARY_RUNS:
                     # A binary's text runs: no markup or escapes to undo in noise, and short

@@ -385,6 +385,9 @@ class MarkerSet:
     markers: tuple[Marker, ...]
     suppress: tuple[str, ...] = ()
     max_pattern: int = 0
+    # The shortest spelling of ASCII only: a binary's ASCII runs shorter than it hold no
+    # marker (a longer marker spelled with a non-ASCII character is in a run kept whole).
+    shortest_ascii: int = 0
     digest: str = ""  # of the markers and suppress phrases: equal content, equal digest
     _automaton: ahocorasick.Automaton = field(default_factory=ahocorasick.Automaton, repr=False)
     # Characters that, near a match, may hide a longer marker or the match's context.
@@ -430,6 +433,8 @@ class MarkerSet:
             else:
                 plain.setdefault(suffix, []).append((kind, idx))
             self.max_pattern = max(self.max_pattern, len(spelling))
+        ascii_lengths = [len(sp) for kind, _, sp in spelled if kind == _MARKER and sp.isascii()]
+        self.shortest_ascii = min(ascii_lengths, default=self.max_pattern + 1)
         a = self._automaton
         keys = plain.keys() | before.keys()
         for key in keys:
@@ -680,7 +685,8 @@ def scan_body(
     )
     found: set[int] = set()
     try:
-        for text in Walker(budget).body(data, content_type, content_encoding):
+        walker = Walker(budget, ascii_run=markers.shortest_ascii)
+        for text in walker.body(data, content_type, content_encoding):
             found |= markers.find(text)
     except Unscannable as e:
         return ScanResult(found, str(e))
