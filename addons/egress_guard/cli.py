@@ -361,6 +361,11 @@ def account_list(data_dir: Path) -> None:
         )
 
 
+FORMAT_OPTION = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+
+
 # --- audit -----------------------------------------------------------------------------------
 
 
@@ -605,7 +610,7 @@ TIMELINE_PAGES = 50  # at most 100 000 rows: a person's year of blocks and uploa
 @click.option("--since", default="7d", show_default=True, help="From (ISO 8601 or 7d ago).")
 @click.option("--until", help="Before (ISO 8601 or a duration ago) [default: now].")
 @click.option("--all", "everything", is_flag=True, help="Every request, not only the notable ones.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@FORMAT_OPTION
 def audit_timeline(
     user: str,
     admin: str,
@@ -752,7 +757,7 @@ def _incident_line(r: dict[str, Any]) -> list[Any]:
 @click.option("--user")
 @click.option("--since", help="Opened from [default: 186 days ago].")
 @click.option("--until")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@FORMAT_OPTION
 def incidents_list(
     admin: str, token: str, ca_cert: Path | None, data_dir: Path, fmt: str, **filters: Any
 ) -> None:
@@ -835,7 +840,7 @@ def incidents_update(
 
 @audit.command("retention")
 @_api_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@FORMAT_OPTION
 def audit_retention(admin: str, token: str, ca_cert: Path | None, data_dir: Path, fmt: str) -> None:
     """The proof that the log is kept: each table's TTL, oldest and newest row, rows and bytes
     per month, and whether each of the last six months is present."""
@@ -874,9 +879,6 @@ def audit_retention(admin: str, token: str, ca_cert: Path | None, data_dir: Path
 EXCEPTION_STATES = (
     "pending", "scheduled", "active", "denied", "cancelled", "revoked", "expired", "live", "all",
 )  # fmt: skip
-FORMAT_OPTION = click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
 
 
 @main.group()
